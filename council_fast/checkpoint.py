@@ -1,0 +1,296 @@
+"""Checkpoints: the official per-member files, and council-fast's full training state.
+
+Official format (what the published Council-GAN trainer writes and reads), per member ``i`` and
+``n`` = iterations + 1::
+
+    {dir}_gen_{i}_{n:08d}.pt          {dir: generator state dict}      dir = "a2b" or "b2a"
+    {dir}_dis_{i}_{n:08d}.pt          {dir: discriminator state dict}
+    {dir}_dis_council_{i}_{n:08d}.pt  {dir: council discriminator state dict}
+    optimizer_{i}.pt                  {"gen", "dis", "dis_council"} optimizer state dicts
+
+Full state (exact resume): one file ``state_{n:08d}.pt`` holding a dict with
+``format = "council-fast-full"`` and ``version = 1`` (see ``FULL_STATE_KEYS``), plus ``latest.txt``
+naming the newest one. Everything loads with ``torch.load(..., weights_only=True)``.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from .fileio import atomic_torch_save, atomic_write_bytes
+
+__all__ = [
+    "CheckpointError", "GeneratorStates", "DIRECTIONS", "FULL_STATE_FORMAT", "FULL_STATE_VERSION",
+    "FULL_STATE_KEYS", "load_file", "check_state_dict", "official_member_paths", "save_official",
+    "load_generator_states", "save_full_state", "load_full_state", "full_state_path",
+    "write_latest", "latest_full_state_path",
+]
+
+DIRECTIONS = ("a2b", "b2a")
+NETWORK_KINDS = ("gen", "dis", "dis_council")
+FULL_STATE_FORMAT = "council-fast-full"
+FULL_STATE_VERSION = 1
+# Keys every full-state checkpoint holds (the trainer may add more).
+FULL_STATE_KEYS = ("format", "version", "config", "iteration", "engine", "networks")
+LATEST_NAME = "latest.txt"
+
+_MEMBER_FILE = re.compile(r"^(a2b|b2a)_gen_(\d+)_(\d+)\.pt$")
+_PREFIX = re.compile(r"^(?:(a2b|b2a)_)?(?:gen_)?(\d+)(?:\.pt)?$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or does not fit; the message names the file."""
+
+
+@dataclass
+class GeneratorStates:
+    """Generator weights of one direction, one state dict per council member (member order)."""
+    direction: str
+    states: list
+    members: list
+    config: dict | None
+    source: str
+
+
+# --------------------------------------------------------------------------- reading files
+
+def load_file(path: str | os.PathLike) -> Any:
+    """``torch.load`` on the CPU with ``weights_only=True``; any failure names the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle, zip and unpickler errors all mean "bad file"
+        raise CheckpointError(f"{path}: cannot read checkpoint (corrupt, truncated, or not a "
+                              f"weights-only torch file): {type(e).__name__}: {e}") from None
+
+
+def _shape(t) -> tuple | None:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else None
+
+
+def check_state_dict(module: torch.nn.Module, state_dict: Mapping, source: str) -> None:
+    """Load ``state_dict`` into ``module`` strictly; on mismatch list every bad key."""
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"{source}: expected a state dict (mapping of names to tensors), "
+                              f"got {type(state_dict).__name__}")
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    misshaped = [f"{k}: expected {tuple(v.shape)}, found {_shape(state_dict[k])}"
+                 for k, v in expected.items() if k in state_dict and _shape(state_dict[k]) != tuple(v.shape)]
+    if missing or unexpected or misshaped:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        if misshaped:
+            parts.append(f"mis-shaped keys ({len(misshaped)}): {'; '.join(misshaped)}")
+        raise CheckpointError(f"{source}: state dict does not fit {type(module).__name__}: " + " | ".join(parts))
+    module.load_state_dict(state_dict, strict=True)
+
+
+# --------------------------------------------------------------------------- official format
+
+def official_member_paths(out_dir: str | os.PathLike, iteration_plus_1: int, council_size: int,
+                          direction: str) -> list[dict[str, str]]:
+    """Per member: {"gen", "dis", "dis_council", "optimizer"} -> path, named the official way."""
+    _check_direction(direction)
+    out_dir = os.fspath(out_dir)
+    n = int(iteration_plus_1)
+    return [{kind: os.path.join(out_dir, f"{direction}_{kind}_{i}_{n:08d}.pt") for kind in NETWORK_KINDS}
+            | {"optimizer": os.path.join(out_dir, f"optimizer_{i}.pt")}
+            for i in range(council_size)]
+
+
+def save_official(out_dir: str | os.PathLike, iteration_plus_1: int,
+                  networks: Mapping[str, Mapping[str, list]],
+                  optimizers: list[Mapping[str, Any]] | None = None) -> list[str]:
+    """Write official per-member files atomically; returns the paths written.
+
+    ``networks[direction][kind]`` is a list of state dicts in member order, ``kind`` in
+    gen / dis / dis_council (dis_council may be absent, as when council_w is 0).
+    ``optimizers[i]`` is {"gen", "dis"[, "dis_council"]} optimizer state dicts of member i.
+    """
+    written = []
+    for direction, kinds in networks.items():
+        gens = kinds["gen"]
+        paths = official_member_paths(out_dir, iteration_plus_1, len(gens), direction)
+        for kind in NETWORK_KINDS:
+            for i, sd in enumerate(kinds.get(kind) or []):
+                atomic_torch_save({direction: sd}, paths[i][kind])
+                written.append(paths[i][kind])
+    for i, opt in enumerate(optimizers or []):
+        path = os.path.join(os.fspath(out_dir), f"optimizer_{i}.pt")
+        atomic_torch_save(dict(opt), path)
+        written.append(path)
+    return written
+
+
+def _check_direction(direction: str | None) -> None:
+    if direction is not None and direction not in DIRECTIONS:
+        raise CheckpointError(f"direction must be 'a2b' or 'b2a', got {direction!r}")
+
+
+def _pick_direction(available: Iterable[str], direction: str | None, source: str) -> str:
+    available = sorted(set(available))
+    if direction is not None:
+        if direction not in available:
+            raise CheckpointError(f"{source}: holds no {direction} generator (it has: "
+                                  f"{', '.join(available) or 'none'})")
+        return direction
+    if len(available) == 1:
+        return available[0]
+    if not available:
+        raise CheckpointError(f"{source}: holds no 'a2b' or 'b2a' generator")
+    raise CheckpointError(f"{source}: holds generators for both a2b and b2a; pass --direction a2b or "
+                          f"--direction b2a to choose")
+
+
+def _load_member_file(path: str, direction: str | None) -> GeneratorStates:
+    obj = load_file(path)
+    if isinstance(obj, dict) and obj.get("format") == FULL_STATE_FORMAT:
+        return _generators_from_full_state(_check_full_state(obj, path), path, direction)
+    if not isinstance(obj, dict) or not any(k in obj for k in DIRECTIONS):
+        keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path}: not an official generator file (expected a dict with key 'a2b' or "
+                              f"'b2a', found {keys})")
+    chosen = _pick_direction([k for k in DIRECTIONS if k in obj], direction, path)
+    match = _MEMBER_FILE.match(os.path.basename(path))
+    member = int(match.group(2)) if match else 0
+    return GeneratorStates(chosen, [obj[chosen]], [member], None, path)
+
+
+def _find_official_generators(folder: str, n: int | None) -> dict[str, dict[int, dict[int, str]]]:
+    """{direction: {iteration: {member: path}}} for every official generator file in ``folder``."""
+    found: dict[str, dict[int, dict[int, str]]] = {}
+    for path in glob.glob(os.path.join(glob.escape(folder), "*_gen_*_*.pt")):
+        m = _MEMBER_FILE.match(os.path.basename(path))
+        if m and (n is None or int(m.group(3)) == n):
+            found.setdefault(m.group(1), {}).setdefault(int(m.group(3)), {})[int(m.group(2))] = path
+    return found
+
+
+def _load_members(found: dict, direction: str | None, n: int | None, source: str) -> GeneratorStates:
+    chosen = _pick_direction(found.keys(), direction, source)
+    by_iter = found[chosen]
+    n = max(by_iter) if n is None else n
+    members = sorted(by_iter[n])
+    states = []
+    for i in members:
+        obj = load_file(by_iter[n][i])
+        if not isinstance(obj, dict) or chosen not in obj:
+            raise CheckpointError(f"{by_iter[n][i]}: expected a dict with key {chosen!r}")
+        states.append(obj[chosen])
+    return GeneratorStates(chosen, states, members, None, source)
+
+
+def load_generator_states(checkpoint: str | os.PathLike, direction: str | None = None) -> GeneratorStates:
+    """Generator weights from any checkpoint council-fast knows.
+
+    ``checkpoint`` may be an official member file (``.../b2a_gen_3_01000000.pt``), an official
+    prefix naming every member of one iteration (``.../01000000`` or ``.../gen_01000000``, the
+    folder + iteration the official test script takes), a folder (its newest official iteration, or
+    else its newest full state), or a council-fast full-state file.
+    """
+    _check_direction(direction)
+    path = os.fspath(checkpoint)
+    if os.path.isfile(path):
+        return _load_member_file(path, direction)
+    if os.path.isdir(path):
+        found = _find_official_generators(path, None)
+        if found:
+            return _load_members(found, direction, None, path)
+        latest = latest_full_state_path(path)
+        if latest is not None:
+            return _load_member_file(latest, direction)
+        raise CheckpointError(f"{path}: folder holds no official generator files ({{a2b,b2a}}_gen_<i>_<n>.pt) "
+                              f"and no council-fast full state (state_<n>.pt / {LATEST_NAME})")
+    folder, tail = os.path.split(path)
+    folder = folder or "."
+    m = _PREFIX.match(tail)
+    if m is None or not os.path.isdir(folder):
+        raise CheckpointError(f"{path}: no such checkpoint file, folder, or official prefix "
+                              f"(e.g. checkpoints/01000000 or checkpoints/gen_01000000)")
+    n = int(m.group(2))
+    direction = direction or m.group(1)
+    found = _find_official_generators(folder, n)
+    if not found:
+        raise CheckpointError(f"{path}: no official generator files match; looked for "
+                              f"{os.path.join(folder, f'{{a2b,b2a}}_gen_<member>_{n:08d}.pt')}")
+    return _load_members(found, direction, n, path)
+
+
+# --------------------------------------------------------------------------- full state
+
+def full_state_path(checkpoint_dir: str | os.PathLike, iteration: int) -> str:
+    return os.path.join(os.fspath(checkpoint_dir), f"state_{int(iteration):08d}.pt")
+
+
+def save_full_state(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
+    """Write a full training state atomically (format and version are filled in)."""
+    state = dict(state)
+    state["format"] = FULL_STATE_FORMAT
+    state["version"] = FULL_STATE_VERSION
+    missing = [k for k in FULL_STATE_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{os.fspath(path)}: full state lacks {', '.join(missing)}")
+    atomic_torch_save(state, path)
+
+
+def _check_full_state(obj: Any, path: str) -> dict:
+    if not isinstance(obj, dict) or obj.get("format") != FULL_STATE_FORMAT:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path}: not a council-fast full-state checkpoint (format {found!r}, "
+                              f"expected {FULL_STATE_FORMAT!r})")
+    if obj.get("version") != FULL_STATE_VERSION:
+        raise CheckpointError(f"{path}: full-state version {obj.get('version')!r} is not supported "
+                              f"(this council-fast reads version {FULL_STATE_VERSION})")
+    missing = [k for k in FULL_STATE_KEYS if k not in obj]
+    if missing:
+        raise CheckpointError(f"{path}: full-state checkpoint lacks {', '.join(missing)}")
+    return obj
+
+
+def load_full_state(path: str | os.PathLike) -> dict:
+    path = os.fspath(path)
+    return _check_full_state(load_file(path), path)
+
+
+def _generators_from_full_state(state: dict, path: str, direction: str | None) -> GeneratorStates:
+    networks = state["networks"]
+    chosen = _pick_direction([d for d in DIRECTIONS if d in networks], direction, path)
+    gens = networks[chosen]["gen"]
+    return GeneratorStates(chosen, list(gens), list(range(len(gens))), state.get("config"), path)
+
+
+def write_latest(checkpoint_dir: str | os.PathLike, state_path: str | os.PathLike) -> None:
+    """Point ``latest.txt`` in ``checkpoint_dir`` at ``state_path`` (atomically)."""
+    atomic_write_bytes(os.path.join(os.fspath(checkpoint_dir), LATEST_NAME),
+                       (os.path.basename(os.fspath(state_path)) + "\n").encode())
+
+
+def latest_full_state_path(checkpoint_dir: str | os.PathLike) -> str | None:
+    """The full state ``latest.txt`` names, else the highest ``state_<n>.pt``; None when none."""
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    pointer = os.path.join(checkpoint_dir, LATEST_NAME)
+    if os.path.isfile(pointer):
+        with open(pointer, encoding="utf-8") as f:
+            name = f.read().strip()
+        path = os.path.join(checkpoint_dir, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{pointer}: names {name!r}, which does not exist")
+        return path
+    states = []
+    for path in glob.glob(os.path.join(glob.escape(checkpoint_dir), "state_*.pt")):
+        m = re.match(r"^state_(\d+)\.pt$", os.path.basename(path))
+        if m:
+            states.append((int(m.group(1)), path))
+    return max(states)[1] if states else None

@@ -1,0 +1,207 @@
+"""Official Council-GAN YAML configs: load unchanged, fill defaults, reject what is wrong.
+
+Every key of the published ``anime2face_council_folder.yaml`` is known (``configs/defaults.yaml``);
+a missing key takes its published value, an unknown key or a value of the wrong type is an error
+that names the file and the key.
+"""
+from __future__ import annotations
+
+import copy
+import fractions
+import os
+from importlib import resources
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "load_config", "packaged_config", "default_config", "validate_config",
+           "parse_fraction", "PACKAGED_CONFIGS"]
+
+PACKAGED_CONFIGS = ("selfie2anime", "tiny")
+
+# Integer-valued keys (sizes, counts, iterations). Every other numeric key accepts int or float.
+_INT_KEYS = {
+    "image_save_iter", "image_display_iter", "display_size", "snapshot_save_iter", "log_iter",
+    "random_seed", "max_iter", "batch_size", "step_size", "loss_matching_hist_size",
+    "focus_loss.focus_loss_start_at_iter",
+    "gen.dim", "gen.mlp_dim", "gen.style_dim", "gen.n_downsample", "gen.n_res",
+    "gen.num_of_mask_dim_to_add",
+    "dis.dim", "dis.n_layer", "dis.num_scales", "dis.numberOf_dis_relative_iteration",
+    "council.council_size", "council.numberOfCouncil_dis_relative_iteration",
+    "council.flipOnOff_On_iteration", "council.flipOnOff_Off_iteration", "council.council_start_at_iter",
+    "input_dim_a", "input_dim_b", "num_workers", "new_size", "crop_image_height", "crop_image_width",
+    "RandomRotation_degree", "misc.start_tensor_board port", "misc.test_Fid_iter", "misc.test_Fid_num_of_im",
+}
+_POSITIVE_KEYS = {
+    "batch_size", "gen.dim", "gen.mlp_dim", "gen.style_dim", "gen.num_of_mask_dim_to_add", "dis.dim",
+    "dis.n_layer", "dis.num_scales", "council.council_size", "input_dim_a", "input_dim_b", "new_size",
+    "crop_image_height", "crop_image_width", "image_save_iter", "snapshot_save_iter", "log_iter",
+    "loss_matching_hist_size", "lr",
+}
+_CHOICES = {
+    "init": ("gaussian", "kaiming", "xavier", "orthogonal", "default"),
+    "lr_policy": ("step", "constant"),
+    "gen.activ": ("relu", "lrelu", "prelu", "selu", "tanh", "none"),
+    "gen.pad_type": ("zero", "reflect", "replicate"),
+    "dis.activ": ("relu", "lrelu", "prelu", "selu", "tanh", "none"),
+    "dis.pad_type": ("zero", "reflect", "replicate"),
+    "dis.norm": ("none", "bn", "in", "ln"),
+    "dis.gan_type": ("lsgan", "nsgan"),
+}
+# Keys the official train.py adds or reads beyond the published file.
+_OPTIONAL_KEYS = {"vgg_model_path": str, "cuda_device": str, "iteration": int}
+
+
+class ConfigError(ValueError):
+    """A config file or value is wrong; the message names the file and the key."""
+
+
+def _read_packaged(name: str) -> str:
+    return resources.files("council_fast.configs").joinpath(f"{name}.yaml").read_text()
+
+
+def default_config() -> dict:
+    """The published anime2face config, every key with its value."""
+    return yaml.safe_load(_read_packaged("defaults"))
+
+
+_DEFAULTS = default_config()
+
+
+def packaged_config(name: str) -> dict:
+    """A config shipped with council-fast ('selfie2anime' or 'tiny'), validated and filled."""
+    if name not in PACKAGED_CONFIGS:
+        raise ConfigError(f"no packaged config {name!r}; packaged: {', '.join(PACKAGED_CONFIGS)}")
+    return _finish(yaml.safe_load(_read_packaged(name)), f"<packaged {name}>")
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """Read an official-format YAML config (or the name of a packaged one)."""
+    path = os.fspath(path)
+    if path in PACKAGED_CONFIGS and not os.path.exists(path):
+        return packaged_config(path)
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return _finish(raw, path)
+
+
+def _finish(raw: Any, source: str) -> dict:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys to values")
+    config = _merge(copy.deepcopy(_DEFAULTS), raw, _DEFAULTS, source, prefix="")
+    validate_config(config, source)
+    return config
+
+
+def _merge(out: dict, raw: dict, defaults: dict, source: str, prefix: str) -> dict:
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in defaults:
+            if not prefix and key in _OPTIONAL_KEYS:
+                out[key] = _coerce(dotted, value, _OPTIONAL_KEYS[key](), source)
+                continue
+            raise ConfigError(f"{source}: unknown key {dotted!r}" + _suggest(key, defaults))
+        default = defaults[key]
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: key {dotted!r} must be a mapping, got {value!r}")
+            _merge(out[key], value, default, source, prefix=f"{dotted}.")
+        else:
+            out[key] = _coerce(dotted, value, default, source)
+    return out
+
+
+def _suggest(key: str, known: dict) -> str:
+    import difflib
+    close = difflib.get_close_matches(key, [k for k in known], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(dotted: str, value: Any, default: Any, source: str) -> Any:
+    def fail(expected: str):
+        raise ConfigError(f"{source}: key {dotted!r} must be {expected}, got {value!r}")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if isinstance(default, (int, float)):
+        if isinstance(value, bool):
+            fail("a number")
+        if isinstance(value, str):  # YAML 1.1 reads '1e-4' as a string
+            try:
+                value = float(value) if dotted not in _INT_KEYS else int(value.replace("_", ""))
+            except ValueError:
+                fail("an integer" if dotted in _INT_KEYS else "a number")
+        if dotted in _INT_KEYS:
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if not isinstance(value, int):
+                fail("an integer")
+            return value
+        if not isinstance(value, (int, float)):
+            fail("a number")
+        return value
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            fail("a string")
+        return value
+    return value
+
+
+def parse_fraction(text: str | float) -> float:
+    """Official configs write ratios like '4. / 3.'; read them without eval()."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    parts = [p.strip() for p in str(text).split("/")]
+    if len(parts) > 2 or not all(parts):
+        raise ValueError(f"not a number or a ratio: {text!r}")
+    try:
+        values = [fractions.Fraction(p.rstrip(".") if p.endswith(".") else p) for p in parts]
+    except ValueError:
+        raise ValueError(f"not a number or a ratio: {text!r}") from None
+    return float(values[0] / values[1]) if len(values) == 2 else float(values[0])
+
+
+def _get(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def validate_config(config: dict, source: str = "<config>") -> None:
+    """Check choices, ranges and combinations; raise ConfigError naming the key."""
+    for dotted, choices in _CHOICES.items():
+        value = _get(config, dotted)
+        if value not in choices:
+            raise ConfigError(f"{source}: key {dotted!r} must be one of {', '.join(choices)}; got {value!r}")
+    for dotted in _POSITIVE_KEYS:
+        if _get(config, dotted) <= 0:
+            raise ConfigError(f"{source}: key {dotted!r} must be positive, got {_get(config, dotted)!r}")
+    for dotted in ("RandomResizedCrop_ratio_max", "RandomResizedCrop_ratio_min"):
+        try:
+            parse_fraction(config[dotted])
+        except ValueError as e:
+            raise ConfigError(f"{source}: key {dotted!r}: {e}") from None
+    if config["gen"]["do_my_style"]:
+        raise ConfigError(f"{source}: key 'gen.do_my_style': true is not supported (in the official code "
+                          "that mode leaves the upsampling AdaIN layers without parameters)")
+    if not (config["do_a2b"] or config["do_b2a"]):
+        raise ConfigError(f"{source}: keys 'do_a2b' and 'do_b2a' are both false: nothing to train")
+    if config["gen"]["n_downsample"] < 0 or config["gen"]["n_res"] < 0:
+        raise ConfigError(f"{source}: keys 'gen.n_downsample' and 'gen.n_res' must not be negative")
+    factor = 2 ** config["gen"]["n_downsample"]
+    for dotted in ("crop_image_height", "crop_image_width"):
+        if config[dotted] % factor:
+            raise ConfigError(f"{source}: key {dotted!r} ({config[dotted]}) must be a multiple of "
+                              f"2**gen.n_downsample = {factor} so the decoder restores the input size")
+    if config["gen"]["dim"] * factor // factor != config["gen"]["dim"]:
+        raise ConfigError(f"{source}: key 'gen.dim' is invalid")

@@ -1,0 +1,45 @@
+"""Print versions, devices and which kernel back-ends can run here (and why not, when they cannot)."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--build", action="store_true",
+                        help="also try to JIT-build the C++ extensions (tens of seconds the first time)")
+
+
+def _versions() -> dict:
+    import torch
+    out = {"council-fast": __import__("council_fast").__version__, "python": platform.python_version(),
+           "torch": torch.__version__, "cuda (torch)": torch.version.cuda or "none"}
+    try:
+        import triton
+        out["triton"] = triton.__version__
+    except Exception as e:  # noqa: BLE001
+        out["triton"] = f"unavailable ({type(e).__name__})"
+    return out
+
+
+def run(args) -> int:
+    import torch
+
+    from .ops import _backend
+    for key, value in _versions().items():
+        print(f"{key:>14}: {value}")
+    print(f"{'cpu':>14}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{torch.get_num_threads()} torch threads")
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    print(f"{'gpus':>14}: {', '.join(gpus) if gpus else 'none'}")
+    devices = ["cpu"] + (["cuda"] if gpus else [])
+    for device in devices:
+        for backend in _backend.BACKENDS:
+            if backend in ("cpu", "cuda") and not args.build:
+                status = "not checked (pass --build to try the JIT build)"
+            else:
+                reason = _backend._why_unavailable(backend, torch.device(device))
+                status = "available" if reason is None else f"unavailable: {reason}"
+            print(f"{device + '/' + backend:>14}: {status}")
+    return 0

@@ -1,0 +1,166 @@
+"""The fused decoder tail (council_fast.ops.decoder_tail) against its reference twin, on every back-end here.
+
+The CPU extension must build and, under TRITON_INTERPRET=1, the Triton kernels must run: those back-ends fail
+rather than skip. The cuda back-end (and Triton without the interpreter) needs a GPU and is skipped without one.
+Fused outputs start as NaN (POISON_OUTPUTS), so an element a kernel never writes fails the comparison.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from council_fast.ops import _backend
+from council_fast.ops import decoder_tail as tail_mod
+from council_fast.ops.decoder_tail import decoder_tail, decoder_tail_reference
+from council_fast.reference.networks import blend_with_masks
+
+HAS_CUDA = torch.cuda.is_available()
+FUSED = ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+# (batch, dim, H, W, output_dim, num_masks, channels_last): odd sizes, dim 19 (no block multiple).
+CASES = [(1, 19, 5, 7, 3, 3, False), (5, 19, 3, 5, 3, 1, True), (2, 16, 7, 3, 1, 3, False)]
+
+
+def _device(backend):
+    return "cuda" if backend == "cuda" or (backend == "triton" and HAS_CUDA) else "cpu"
+
+
+@pytest.fixture(params=FUSED)
+def backend(request, monkeypatch):
+    name = request.param
+    if name == "cuda" and not HAS_CUDA:
+        pytest.skip("the cuda back-end needs a CUDA device; this machine has none")
+    if name == "triton" and not HAS_CUDA and not _backend.triton_interpreted():
+        pytest.skip("triton on the CPU needs TRITON_INTERPRET=1 set before the test session starts")
+    reason = _backend._why_unavailable(name, torch.device(_device(name)))
+    assert reason is None, f"back-end {name!r} should run here but cannot: {reason}"
+    monkeypatch.setattr(tail_mod, "POISON_OUTPUTS", True)
+    return name
+
+
+def _inputs(batch, dim, height, width, out_dim, num_masks, channels_last, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n_raw = (out_dim + 1) * num_masks
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen) * scale
+
+    h = torch.relu(randn(batch, dim, height, width, scale=1.5))
+    # Weights scaled so pre-activations straddle 0 and tanh / the masks are neither saturated nor linear.
+    tensors = [h, randn(dim, dim, scale=dim ** -0.5), randn(dim, scale=0.2), randn(dim, dim, scale=dim ** -0.5),
+               randn(dim, scale=0.2), randn(n_raw, dim, scale=0.5 * dim ** -0.5), randn(n_raw, scale=0.1),
+               torch.rand(batch, out_dim, height, width, generator=gen) * 2 - 1]
+    tensors = [t.to(device=device, dtype=dtype) for t in tensors]
+    if channels_last:
+        tensors[0] = tensors[0].contiguous(memory_format=torch.channels_last)
+    grads = (randn(batch, out_dim, height, width).to(device), randn(batch, num_masks, height, width).to(device))
+    return tensors, grads
+
+
+def _assert_close(actual, expected, tol, what):
+    expected = expected.float()
+    scale = max(expected.abs().max().item(), 1e-6)
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values (an element was never written?)"
+    err = (actual.float() - expected).abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol} x {scale:.3g}"
+
+
+def _compare(backend, case, dtype=torch.float32, fwd_tol=1e-5, grad_tol=1e-4, with_mask_grad=True):
+    *sizes, num_masks, channels_last = case
+    tensors, (g_out, g_masks) = _inputs(*sizes, num_masks, channels_last, dtype, _device(backend))
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out, masks = decoder_tail(*leaves, num_masks, backend=backend)
+    assert out.dtype == dtype and masks.dtype == dtype
+    assert out.shape == tensors[7].shape and masks.shape == (sizes[0], num_masks, *sizes[2:4])
+
+    ref_leaves = [t.detach().float().requires_grad_() for t in tensors]  # the truth: fp32 on the same inputs
+    ref_out, ref_masks = decoder_tail_reference(*ref_leaves, num_masks)
+    _assert_close(out, ref_out, fwd_tol, f"{backend} out")
+    _assert_close(masks, ref_masks, fwd_tol, f"{backend} masks")
+
+    outputs, ref_outputs, cotangents = [out], [ref_out], [g_out.to(dtype)]
+    if with_mask_grad:
+        outputs.append(masks)
+        ref_outputs.append(ref_masks)
+        cotangents.append(g_masks.to(dtype))
+    grads = torch.autograd.grad(outputs, leaves, cotangents)
+    ref_grads = torch.autograd.grad(ref_outputs, ref_leaves, [c.float() for c in cotangents])
+    names = ["h", "w1", "b1", "w2", "b2", "w3", "b3", "images"]
+    for name, g, rg, leaf in zip(names, grads, ref_grads, leaves):
+        assert g.shape == leaf.shape and g.dtype == dtype, name
+        _assert_close(g, rg, grad_tol, f"{backend} grad {name}")
+
+
+def test_reference_matches_published_blend():
+    """decoder_tail_reference == 1x1 conv modules + blend_with_masks (the reference network's code)."""
+    (h, w1, b1, w2, b2, w3, b3, images), _ = _inputs(2, 8, 5, 6, 3, 3, False, torch.float32, "cpu")
+    r = torch.relu(torch.nn.functional.conv2d(h, w1[:, :, None, None], b1))
+    r = torch.relu(torch.nn.functional.conv2d(r, w2[:, :, None, None], b2))
+    raw = torch.tanh(torch.nn.functional.conv2d(r, w3[:, :, None, None], b3))
+    expected_out, expected_masks = blend_with_masks(raw, images, 3)
+    out, masks = decoder_tail_reference(h, w1, b1, w2, b2, w3, b3, images, 3)
+    assert torch.equal(out, expected_out) and torch.equal(masks, expected_masks)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_d{}_{}x{}_o{}_m{}{}".format(*c[:6], "_cl" * c[6]))
+def test_fp32_forward_and_gradients(backend, case):
+    _compare(backend, case)
+
+
+def test_gradient_without_mask_cotangent(backend):
+    """Only `out` feeds the loss (the usual case): grad_masks arrives as None."""
+    _compare(backend, CASES[0], with_mask_grad=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision(backend, dtype):
+    _compare(backend, (3, 19, 5, 7, 3, 3, False), dtype=dtype, fwd_tol=2e-2, grad_tol=2e-2)
+
+
+def test_anime_size_block(backend):
+    """dim 64 and 12 raw channels: the specialised kernels (CUDA) and full tiles."""
+    height, width = (9, 11) if _device(backend) == "cpu" else (67, 45)
+    _compare(backend, (2, 64, height, width, 3, 3, True))
+
+
+def test_conv_weights_and_reference_backend_agree():
+    """1x1 conv weights (out, in, 1, 1) are accepted; backend='reference' is the reference."""
+    tensors, _ = _inputs(1, 8, 4, 4, 3, 3, False, torch.float32, "cpu")
+    conv = [t[:, :, None, None] if i in (1, 3, 5) else t for i, t in enumerate(tensors)]
+    out, masks = decoder_tail(*conv, 3, backend="reference")
+    ref_out, ref_masks = decoder_tail_reference(*tensors, 3)
+    assert torch.equal(out, ref_out) and torch.equal(masks, ref_masks)
+
+
+def test_bad_shapes_are_named():
+    tensors, _ = _inputs(1, 8, 4, 4, 3, 3, False, torch.float32, "cpu")
+    bad = list(tensors)
+    bad[5] = bad[5][:-1]
+    with pytest.raises(ValueError, match="w3"):
+        decoder_tail(*bad, 3, backend="reference")
+    bad = list(tensors)
+    bad[7] = bad[7][:, :, :3]
+    with pytest.raises(ValueError, match="images"):
+        decoder_tail(*bad, 3, backend="reference")
+    with pytest.raises(ValueError, match="dtype"):
+        decoder_tail(*tensors[:7], tensors[7].double(), 3, backend="reference")
+
+
+def test_torch_compile_fullgraph():
+    """The custom ops trace without graph breaks (aot_eager: no C++ compiler round trip), forward and backward."""
+    tensors, (g_out, _) = _inputs(1, 8, 3, 5, 3, 3, False, torch.float32, "cpu")
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+
+    def loss(*args):
+        out, masks = decoder_tail(*args, 3, backend="cpu")
+        return (out * g_out).sum() + masks.sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    value = compiled(*leaves)
+    grads = torch.autograd.grad(value, leaves)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    ref_out, ref_masks = decoder_tail_reference(*ref_leaves, 3)
+    ref_value = (ref_out * g_out).sum() + ref_masks.sum()
+    ref_grads = torch.autograd.grad(ref_value, ref_leaves)
+    _assert_close(value.detach(), ref_value.detach(), 1e-5, "compiled loss")
+    for g, rg in zip(grads, ref_grads):
+        _assert_close(g, rg, 1e-4, "compiled grad")
