@@ -47,6 +47,9 @@ ENVIRONMENT_FIELDS = ("date", "council_fast", "python", "torch", "triton", "cuda
 SETTINGS_FIELDS = ("config", "device", "precision", "batch", "size", "repeats", "warmup", "compile", "backend")
 
 REFERENCE, COMPILED, FUSED = "reference", "reference+compile", "fused"
+# The official test flow runs the style encoder too (encode returns content and style) and throws the
+# style away; ``reference`` rows skip it, as every engine here does.
+OFFICIAL_FLOW = "reference-official-flow"
 
 
 @dataclass
@@ -220,7 +223,8 @@ def bench_convert(config: dict, device, precision: str = "fp32", batch: int = 32
         return call
 
     rows, reference_out = [], None
-    engines = [(REFERENCE, lambda: gen.translate)]
+    engines = [(REFERENCE, lambda: gen.translate),
+               (OFFICIAL_FLOW, lambda: lambda x, z: gen.decode(gen.encode(x)[0], z, x))]
     engines.append((COMPILED, (lambda: torch.compile(_Translate(gen))) if compile else None))
     engines.append((FUSED, lambda: _make_fused(config["input_dim_b"], config["gen"], gen.state_dict(), backend,
                                                device).translate))
