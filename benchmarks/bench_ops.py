@@ -1,14 +1,12 @@
 """pytest-benchmark suite: the reference generator and the fused ops at small sizes.
 
-Not collected by a plain ``pytest`` (benchmarks/ is outside testpaths and this file does not match
-test_*.py); run it by naming it::
+The plain ``pytest`` of the README collects it with ``--benchmark-disable`` (pyproject.toml), so CI
+runs each case once as a correctness check. For timings::
 
-    TRITON_INTERPRET=1 pytest benchmarks/bench_ops.py --benchmark-disable   # CI: each case once, as a check
-    pytest benchmarks/bench_ops.py --benchmark-only                         # timings (GPU: real sizes via env)
+    pytest benchmarks --benchmark-enable --benchmark-only      # GPU: real sizes via the variables below
 
 Sizes come from COUNCIL_FAST_BENCH_BATCH / COUNCIL_FAST_BENCH_SIZE (default 2 and 32, the tiny
-config). The C++ extension back-ends are JIT-built on first use, so they are benchmarked only on
-CUDA machines or when COUNCIL_FAST_BENCH_EXT=1.
+config). Back-ends: reference, triton and the C++ extension of the device (cpu or cuda).
 """
 from __future__ import annotations
 
@@ -34,11 +32,8 @@ def _sync():
 
 def _backends() -> list:
     params = [pytest.param("reference", id="reference")]
-    for name in ("triton", "cpu", "cuda"):
-        if name in ("cpu", "cuda") and DEVICE.type != "cuda" and os.environ.get("COUNCIL_FAST_BENCH_EXT") != "1":
-            reason = "extension back-ends are JIT-built: set COUNCIL_FAST_BENCH_EXT=1 to include them"
-        else:
-            reason = _backend._why_unavailable(name, DEVICE)
+    for name in ("triton", DEVICE.type):
+        reason = _backend._why_unavailable(name, DEVICE)
         params.append(pytest.param(name, id=name, marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
     return params
 

@@ -392,19 +392,11 @@ class FusedCouncilTrainer(CouncilTrainer):
     def load_state_dict(self, state: dict, source: str = "<state>") -> None:
         if self.fallback:
             return super().load_state_dict(state, source)
-        missing = [d for d in self.directions if d not in state["networks"]]
-        if missing:
-            raise ckpt.CheckpointError(f"{source}: holds no networks for direction(s) {', '.join(missing)}")
-        for d in self.directions:
-            for kind in self._kinds():
-                saved = state["networks"][d].get(kind)
-                if saved is None or len(saved) != self.size:
-                    raise ckpt.CheckpointError(f"{source}: expected {self.size} {d} {kind} state dicts, found "
-                                               f"{0 if saved is None else len(saved)}")
-                try:
-                    self.stacked[d][kind].load_members(saved, f"{source} [{d} {kind}]")
-                except ValueError as e:
-                    raise ckpt.CheckpointError(str(e)) from None
+        for d, kind, saved in self._saved_networks(state, source):
+            try:
+                self.stacked[d][kind].load_members(saved, f"{source} [{d} {kind}]")
+            except ValueError as e:
+                raise ckpt.CheckpointError(str(e)) from None
         if len(state["optimizers"]) != self.size:
             raise ckpt.CheckpointError(f"{source}: {len(state['optimizers'])} optimizer states for {self.size} members")
         for kind, opt in self.stacked_optimizers.items():

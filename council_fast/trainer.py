@@ -449,7 +449,8 @@ class CouncilTrainer:
             "rng": rng,
         }
 
-    def load_state_dict(self, state: dict, source: str = "<state>") -> None:
+    def _saved_networks(self, state: dict, source: str):
+        """(direction, kind, member state dicts) of a full state, each checked to be all there."""
         missing = [d for d in self.directions if d not in state["networks"]]
         if missing:
             raise ckpt.CheckpointError(f"{source}: holds no networks for direction(s) {', '.join(missing)}")
@@ -459,8 +460,12 @@ class CouncilTrainer:
                 if saved is None or len(saved) != self.size:
                     raise ckpt.CheckpointError(f"{source}: expected {self.size} {d} {kind} state dicts, found "
                                                f"{0 if saved is None else len(saved)}")
-                for i, sd in enumerate(saved):
-                    ckpt.check_state_dict(self.nets[d][kind][i], sd, f"{source} [{d} {kind} {i}]")
+                yield d, kind, saved
+
+    def load_state_dict(self, state: dict, source: str = "<state>") -> None:
+        for d, kind, saved in self._saved_networks(state, source):
+            for i, sd in enumerate(saved):
+                ckpt.check_state_dict(self.nets[d][kind][i], sd, f"{source} [{d} {kind} {i}]")
         for opts, saved in zip(self.optimizers, state["optimizers"]):
             for kind, opt in opts.items():
                 opt.load_state_dict(copy.deepcopy(saved[kind]))  # no tensors shared with ``state``

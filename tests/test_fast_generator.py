@@ -18,24 +18,15 @@ from council_fast.ops import adain as adain_mod
 from council_fast.ops import decoder_tail as tail_mod
 from council_fast.ops._backend import BackendUnavailable
 from council_fast.reference.networks import AdaINGen, Conv2dBlock
+from _backends import HAS_CUDA, device_for, require_backend
 
-HAS_CUDA = torch.cuda.is_available()
 BACKENDS = ["reference", "cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
 
-
-def _device(backend):
-    return "cuda" if backend == "cuda" or (backend == "triton" and HAS_CUDA) else "cpu"
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    name = request.param
-    if name == "cuda" and not HAS_CUDA:
-        pytest.skip("the cuda back-end needs a CUDA device; this machine has none")
-    if name == "triton" and not HAS_CUDA and not _backend.triton_interpreted():
-        pytest.skip("triton on the CPU needs TRITON_INTERPRET=1 set before the test session starts")
-    reason = _backend._why_unavailable(name, torch.device(_device(name)))
-    assert reason is None, f"back-end {name!r} should run here but cannot: {reason}"
+    name = require_backend(request.param)
     monkeypatch.setattr(tail_mod, "POISON_OUTPUTS", True)
     monkeypatch.setattr(adain_mod, "POISON_OUTPUTS", True)
     return name
@@ -75,7 +66,7 @@ def _assert_close(actual, expected, tol, what, scale=None):
 
 
 def _compare(params, backend, batch, height, width, dtype=torch.float32, tol=1e-5, grad_tol=1e-4):
-    device = _device(backend)
+    device = device_for(backend)
     ref = _reference(params).to(device)
     fast = FastGenerator.from_reference(ref, backend=backend).to(dtype)
     gen = torch.Generator().manual_seed(1)

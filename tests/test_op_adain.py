@@ -16,8 +16,8 @@ from council_fast.ops import _backend
 from council_fast.ops import adain as adain_mod
 from council_fast.ops._backend import BackendUnavailable
 from council_fast.ops.adain import adain, adain_reference, instance_norm, instance_norm_reference
+from _backends import HAS_CUDA, device_for, require_backend
 
-HAS_CUDA = torch.cuda.is_available()
 FUSED = ["cpu", "triton", "cuda"]
 # (B, C, H, W): odd planes, batch 1 and 5, channel counts that are not multiples of any block size.
 SMALL_SHAPES = [(1, 3, 7, 9), (5, 19, 7, 9), (5, 19, 4, 5)]
@@ -26,19 +26,10 @@ SPLIT_SHAPES = [(1, 3, 33, 17), (5, 3, 33, 17)]
 SHRUNK_TRITON = adain_mod.TritonTuning(single_pass_max=128, tile=64, chunk=128)
 
 
-def _device(backend: str) -> str:
-    return "cuda" if backend == "cuda" or (backend == "triton" and HAS_CUDA) else "cpu"
-
 
 @pytest.fixture(params=FUSED)
 def backend(request, monkeypatch):
-    name = request.param
-    if name == "cuda" and not HAS_CUDA:
-        pytest.skip("the cuda back-end needs a CUDA device; this machine has none")
-    if name == "triton" and not HAS_CUDA and not _backend.triton_interpreted():
-        pytest.skip("triton on the CPU needs TRITON_INTERPRET=1 set before the test session starts")
-    reason = _backend._why_unavailable(name, torch.device(_device(name)))
-    assert reason is None, f"back-end {name!r} should run here but cannot: {reason}"
+    name = require_backend(request.param)
     monkeypatch.setattr(adain_mod, "POISON_OUTPUTS", True)
     monkeypatch.setattr(adain_mod, "TRITON_TUNING", SHRUNK_TRITON)
     monkeypatch.setattr(adain_mod, "CUDA_SPLIT_THRESHOLD", 256)
@@ -67,7 +58,7 @@ def _assert_close(actual, expected, rel, what):
 
 
 def _run_and_compare(backend, shape, relu, residual, dtype=torch.float32, fwd_tol=1e-5, grad_tol=1e-4):
-    device = _device(backend)
+    device = device_for(backend)
     x, w, b, r, dy = _inputs(shape, dtype, device, residual)
     leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)] + (
         [r.detach().clone().requires_grad_()] if residual else [])
@@ -111,7 +102,7 @@ def test_large_plane_with_several_chunks(backend, monkeypatch):
 
 
 def test_instance_norm_matches_torch(backend):
-    x, *_ = _inputs((5, 19, 7, 9), torch.float32, _device(backend), residual=False)
+    x, *_ = _inputs((5, 19, 7, 9), torch.float32, device_for(backend), residual=False)
     for relu in (False, True):
         expected = F.instance_norm(x.float(), eps=1e-5)
         expected = F.relu(expected) if relu else expected
@@ -125,7 +116,7 @@ def test_instance_norm_matches_torch(backend):
 
 
 def test_flat_weight_and_channels_last(backend):
-    x, w, b, r, _ = _inputs((5, 3, 7, 9), torch.float32, _device(backend), residual=True)
+    x, w, b, r, _ = _inputs((5, 3, 7, 9), torch.float32, device_for(backend), residual=True)
     expected = adain_reference(x, w, b, r, relu=True)
     got = adain(x.to(memory_format=torch.channels_last), w.reshape(-1), b.reshape(-1), r, relu=True, backend=backend)
     _assert_close(got, expected, 1e-5, "channels_last with (B*C,) affine")
@@ -239,7 +230,7 @@ def test_opcheck_custom_ops():
 
 
 def test_empty_batch(backend):
-    x, w, b, _, _ = _inputs((0, 3, 4, 5), torch.float32, _device(backend), residual=False)
+    x, w, b, _, _ = _inputs((0, 3, 4, 5), torch.float32, device_for(backend), residual=False)
     leaf = x.requires_grad_()
     y = adain(leaf, w, b, relu=True, backend=backend)
     assert y.shape == (0, 3, 4, 5)

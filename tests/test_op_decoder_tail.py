@@ -13,26 +13,17 @@ from council_fast.ops import _backend
 from council_fast.ops import decoder_tail as tail_mod
 from council_fast.ops.decoder_tail import decoder_tail, decoder_tail_reference
 from council_fast.reference.networks import blend_with_masks
+from _backends import HAS_CUDA, device_for, require_backend
 
-HAS_CUDA = torch.cuda.is_available()
 FUSED = ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
 # (batch, dim, H, W, output_dim, num_masks, channels_last): odd sizes, dim 19 (no block multiple).
 CASES = [(1, 19, 5, 7, 3, 3, False), (5, 19, 3, 5, 3, 1, True), (2, 16, 7, 3, 1, 3, False)]
 
 
-def _device(backend):
-    return "cuda" if backend == "cuda" or (backend == "triton" and HAS_CUDA) else "cpu"
-
 
 @pytest.fixture(params=FUSED)
 def backend(request, monkeypatch):
-    name = request.param
-    if name == "cuda" and not HAS_CUDA:
-        pytest.skip("the cuda back-end needs a CUDA device; this machine has none")
-    if name == "triton" and not HAS_CUDA and not _backend.triton_interpreted():
-        pytest.skip("triton on the CPU needs TRITON_INTERPRET=1 set before the test session starts")
-    reason = _backend._why_unavailable(name, torch.device(_device(name)))
-    assert reason is None, f"back-end {name!r} should run here but cannot: {reason}"
+    name = require_backend(request.param)
     monkeypatch.setattr(tail_mod, "POISON_OUTPUTS", True)
     return name
 
@@ -66,7 +57,7 @@ def _assert_close(actual, expected, tol, what):
 
 def _compare(backend, case, dtype=torch.float32, fwd_tol=1e-5, grad_tol=1e-4, with_mask_grad=True):
     *sizes, num_masks, channels_last = case
-    tensors, (g_out, g_masks) = _inputs(*sizes, num_masks, channels_last, dtype, _device(backend))
+    tensors, (g_out, g_masks) = _inputs(*sizes, num_masks, channels_last, dtype, device_for(backend))
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
     out, masks = decoder_tail(*leaves, num_masks, backend=backend)
     assert out.dtype == dtype and masks.dtype == dtype
@@ -118,7 +109,7 @@ def test_half_precision(backend, dtype):
 
 def test_anime_size_block(backend):
     """dim 64 and 12 raw channels: the specialised kernels (CUDA) and full tiles."""
-    height, width = (9, 11) if _device(backend) == "cpu" else (67, 45)
+    height, width = (9, 11) if device_for(backend) == "cpu" else (67, 45)
     _compare(backend, (2, 64, height, width, 3, 3, True))
 
 

@@ -1,0 +1,24 @@
+"""Which kernel back-ends a test may use here: those that cannot are skipped with the reason, and one
+that should run here (the CPU extension, Triton under its interpreter) but cannot is a failure."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from council_fast.ops import _backend
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def device_for(backend: str) -> str:
+    return "cuda" if backend == "cuda" or (backend == "triton" and HAS_CUDA) else "cpu"
+
+
+def require_backend(name: str) -> str:
+    if name == "cuda" and not HAS_CUDA:
+        pytest.skip("the cuda back-end needs a CUDA device; this machine has none")
+    if name == "triton" and not HAS_CUDA and not _backend.triton_interpreted():
+        pytest.skip("triton on the CPU needs TRITON_INTERPRET=1 set before the test session starts")
+    reason = _backend._why_unavailable(name, torch.device(device_for(name)))
+    assert reason is None, f"back-end {name!r} should run here but cannot: {reason}"
+    return name
