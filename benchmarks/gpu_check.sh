@@ -11,14 +11,20 @@
 #   4. `python -m council_fast bench convert --device cuda`: reference eager, torch.compile and the
 #      fused engine at fp32 and bf16; batch 1 latency, batch 32 and 64 throughput at 256x256;
 #      then `bench ops` (per fused op) for the cuda and triton back-ends
-#   5. summary.md: one table of every benchmark row, with card, versions and date
-# Budget knobs (seconds): GPU_CHECK_BUDGET (total, default 470), BUILD_TIMEOUT, TEST_TIMEOUT.
+#   5. `council-fast parity --device cuda` (fused vs reference training iteration) and
+#      `bench train --device cuda` at the official default (128x128, batch 3, council 4)
+#   6. summary.md: one table of every benchmark row, with card, versions and date
+# The device tool brings back at most 8 files from $OUT: the logs and JSON files are packed into
+# $OUT/gpu_check_logs.tar.gz beside summary.md.
+# Budget knobs (seconds): GPU_CHECK_BUDGET (total, default 540), BUILD_TIMEOUT, TEST_TIMEOUT.
 set -u
 cd "$(dirname "$0")/.."
-OUT="${OUT:-./gpu_out}"
+FINAL_OUT="${OUT:-./gpu_out}"
+mkdir -p "$FINAL_OUT"
+FINAL_OUT="$(cd "$FINAL_OUT" && pwd)"
+OUT="$FINAL_OUT/raw"
 mkdir -p "$OUT"
-OUT="$(cd "$OUT" && pwd)"
-BUDGET="${GPU_CHECK_BUDGET:-470}"
+BUDGET="${GPU_CHECK_BUDGET:-540}"
 BUILD_TIMEOUT="${BUILD_TIMEOUT:-240}"
 TEST_TIMEOUT="${TEST_TIMEOUT:-150}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-/tmp/council_fast_extensions}"
@@ -118,7 +124,12 @@ for backend in cuda triton; do
     --warmup 3 --backend "$backend" --json "$OUT/bench_ops_$backend.json"
 done
 
-# 5. summary
+# 5. the training step: parity of the fused engine, then both engines' speed at the official default
+stage parity_train "$TEST_TIMEOUT" "$PY" -m council_fast parity --device cuda
+stage bench_train_fp32 150 "$PY" -m council_fast bench train --device cuda --config selfie2anime --batch 3 \
+  --size 128 --repeats 10 --warmup 3 --json "$OUT/bench_train_fp32.json"
+
+# 6. summary
 "$PY" - "$OUT" <<'EOF' > "$OUT/summary.md" 2>&1
 import glob, json, os, sys
 out = sys.argv[1]
@@ -141,10 +152,12 @@ for path in sorted(glob.glob(os.path.join(out, "bench_*.json"))):
               f"{f(r['max_rel_diff'], '.2e')} | {f(r['peak_mem_mib'], '.0f')} |")
 EOF
 cat "$OUT/summary.md"
+cp "$OUT/summary.md" "$FINAL_OUT/summary.md"
+tar czf "$FINAL_OUT/gpu_check_logs.tar.gz" -C "$FINAL_OUT" raw && rm -rf "$OUT"
 
 FAILED_LIST=$(printf '%s ' "${FAILED[@]}" | xargs)
 echo
-echo "gpu_check: $((SECONDS - START)) s; outputs in $OUT"
+echo "gpu_check: $((SECONDS - START)) s; outputs in $FINAL_OUT"
 if [ -n "$FAILED_LIST" ]; then
   echo "gpu_check: FAILED stages: $FAILED_LIST"
   exit 1
