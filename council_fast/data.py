@@ -9,6 +9,12 @@ Everything random is derived from (seed, domain, epoch, index), so the pipeline 
 from its state (epoch and per-domain position); that state is part of a full-state checkpoint.
 Like the official loop (``zip`` over the two loaders) an epoch ends when either domain cannot
 fill another batch (drop_last); both domains are then reshuffled.
+
+Two deliberate differences from the official loader, which does ``Image.open(p).convert('RGB')``:
+images are read through :func:`council_fast.images.open_rgb`, so EXIF-rotated photos are turned
+upright and transparent pixels are composited on white (the official code trains on sideways phone
+selfies and on whatever colour the transparent pixels hold); and only the domain folder itself is
+listed (the official loader also walks sub-folders).
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ from . import checkpoint as ckpt
 from .batched import (StackedAdaINGen, StackedMsImageDis, StackedMsImageDisCouncil, UnsupportedForFusion,
                       lsgan_dis_loss_per_member, lsgan_gen_loss_per_member)
 from .reference import AdaINGen
-from .trainer import (CouncilTrainer, _numpy_rng, _numpy_rng_back, _python_rng, _python_rng_back)
+from .trainer import CouncilTrainer, _numpy_rng, _python_rng
 
 __all__ = ["FusedCouncilTrainer", "PRECISIONS", "unfused_switches", "DataParallelHooks"]
 
@@ -421,14 +421,7 @@ class FusedCouncilTrainer(CouncilTrainer):
                     self._foreign_history.setdefault(d, {})[h] = [list(map(float, q)) for q in qs]
         self.iteration = int(state["iteration"])
         self.abs_beginning_end_w = float(state.get("abs_beginning_end_w", self.config["abs_beginning_end"]))
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch_cpu"])
-        random.setstate(_python_rng_back(rng["python"]))
-        np.random.set_state(_numpy_rng_back(rng["numpy"]))
-        self.noise.set_state(rng["noise"])
-        self.choices.setstate(_python_rng_back(rng["choices"]))
-        if "torch_cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["torch_cuda"])
+        self._restore_rng(state["rng"], source)
 
     def save_official(self, out_dir) -> list[str]:
         if self.fallback:

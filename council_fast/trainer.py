@@ -5,7 +5,8 @@ docs "One training iteration"); the official code's quirks are kept where they c
 numbers (the b2a D loss is not multiplied by gan_w; the council-D loss divides by
 numberOfCouncil_dis_relative_iteration even when fewer comparisons run; the G-side loss matching
 factor is computed after appending the current losses). Every random choice comes from a
-generator that is part of the saved state, so a resumed run continues bit for bit.
+generator that is part of the saved state, so a resumed run continues bit for bit on the CPU (on a GPU,
+non-deterministic cuDNN algorithms and atomics make it continue to rounding, not bit for bit).
 
 Usage: council-fast train --config C --data D --out O [--resume] [--iters N] [--device cpu|cuda]
 """
@@ -479,7 +480,9 @@ class CouncilTrainer:
                 self.history[d][h] = [deque(map(float, q), maxlen=n) for q in qs]
         self.iteration = int(state["iteration"])
         self.abs_beginning_end_w = float(state.get("abs_beginning_end_w", self.config["abs_beginning_end"]))
-        rng = state["rng"]
+        self._restore_rng(state["rng"], source)
+
+    def _restore_rng(self, rng: dict, source: str) -> None:
         torch.set_rng_state(rng["torch_cpu"])
         random.setstate(_python_rng_back(rng["python"]))
         np.random.set_state(_numpy_rng_back(rng["numpy"]))
@@ -526,7 +529,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="data folder with trainA, trainB, testA, testB (overrides data_root)")
     parser.add_argument("--out", required=True, help="output folder (checkpoints/ and images/ go here)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints' latest full state")
-    parser.add_argument("--iters", type=int, help="train until this iteration (default: the config's max_iter)")
+    parser.add_argument("--iters", type=int, help="train until this many iterations are done (default: the config's "
+                                                  "max_iter + 1, as the official loop runs iterations 0..max_iter)")
     parser.add_argument("--engine", choices=("reference", "fused"), default="reference",
                         help="reference: the official per-member loops; fused: the council as one batched "
                              "network (same step, same checkpoints). Default: %(default)s")
@@ -596,7 +600,6 @@ def _resolve_config(args, checkpoint_dir: str):
 
 
 def _train(args) -> int:
-    from .data import TrainPairLoader, load_test_images
     from . import distributed as dp
     if args.precision != "fp32" and args.engine != "fused":
         return _fail("--precision bf16 needs --engine fused (the reference engine runs fp32)")
@@ -645,7 +648,7 @@ def _train_on(args, ctx) -> int:
         _write_config(config, os.path.join(out, "config.yaml"))
     test_images = {d: load_test_images(config["data_root"], "A" if d == "a2b" else "B", config["new_size"],
                                        config["display_size"]) for d in trainer.directions}
-    target = args.iters if args.iters is not None else config["max_iter"]
+    target = args.iters if args.iters is not None else config["max_iter"] + 1
 
     def save_official():
         if writer:
