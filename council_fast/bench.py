@@ -1,6 +1,8 @@
 """Benchmark the reference engine (eager and torch.compile) and the fused engine side by side.
 
 ``bench convert``: translate (encode content + decode) a batch of B images at S x S with each engine.
+Its ``reference-official-flow`` row is the official test flow, which also runs the style encoder
+and throws its output away; every other row skips it.
 ``bench train``: one full training iteration (D, council-D and G updates) of the reference trainer
 and of the fused engine. ``bench ops``: forward and forward+backward of the generator's fusable ops
 (AdaIN, instance norm, the decoder tail), reference and (where council_fast.ops has them) fused.
@@ -544,7 +546,8 @@ def run(args) -> int:
             raise ConvertError("--repeats and --warmup must be at least 1")
         if args.threads is not None and args.threads < 1:
             raise ConvertError(f"--threads must be at least 1, got {args.threads}")
-        batch, size = (args.batch or _DEFAULTS[args.what][0]), (args.size or _DEFAULTS[args.what][1])
+        batch = args.batch if args.batch is not None else _DEFAULTS[args.what][0]
+        size = args.size if args.size is not None else _DEFAULTS[args.what][1]
         for value, label in ((batch, "--batch"), (size, "--size")):
             if value is not None and value < 1:
                 raise ConvertError(f"{label} must be positive, got {value}")

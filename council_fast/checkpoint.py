@@ -75,6 +75,12 @@ def _shape(t) -> tuple | None:
     return tuple(t.shape) if isinstance(t, torch.Tensor) else None
 
 
+def _first(items: list[str], sep: str, shown: int = 8) -> str:
+    """The first few of a long key list (a mismatched config can make hundreds)."""
+    more = f"{sep}... and {len(items) - shown} more" if len(items) > shown else ""
+    return sep.join(items[:shown]) + more
+
+
 def check_state_dict(module: torch.nn.Module, state_dict: Mapping, source: str) -> None:
     """Load ``state_dict`` into ``module`` strictly; on mismatch list every bad key."""
     if not isinstance(state_dict, Mapping):
@@ -88,12 +94,15 @@ def check_state_dict(module: torch.nn.Module, state_dict: Mapping, source: str) 
     if missing or unexpected or misshaped:
         parts = []
         if missing:
-            parts.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+            parts.append(f"missing keys ({len(missing)}): {_first(missing, ', ')}")
         if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+            parts.append(f"unexpected keys ({len(unexpected)}): {_first(unexpected, ', ')}")
         if misshaped:
-            parts.append(f"mis-shaped keys ({len(misshaped)}): {'; '.join(misshaped)}")
-        raise CheckpointError(f"{source}: state dict does not fit {type(module).__name__}: " + " | ".join(parts))
+            parts.append(f"mis-shaped keys ({len(misshaped)}): {_first(misshaped, '; ')}")
+        hint = (" -- do the config's network sizes match this checkpoint?" if misshaped or (missing and unexpected)
+                else "")
+        raise CheckpointError(f"{source}: state dict does not fit {type(module).__name__}: "
+                              + " | ".join(parts) + hint)
     module.load_state_dict(state_dict, strict=True)
 
 

@@ -11,7 +11,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS = {
     "demo": ("council_fast.demo", "train a tiny council on built-in synthetic data, then convert with it"),
-    "train": ("council_fast.trainer", "train a council (reference engine) on an official data folder"),
+    "train": ("council_fast.trainer", "train a council (reference or fused engine) on an official data folder"),
     "convert": ("council_fast.convert", "translate image files or folders with trained generators"),
     "parity": ("council_fast.parity", "check that the fused training engine reproduces the reference iteration"),
     "bench": ("council_fast.bench", "benchmark reference eager, torch.compile and the fused engine"),

@@ -210,6 +210,9 @@ def build_generator(input_dim: int, gen_params: dict, backend: str = "auto",
         raise
     try:
         module = fast(input_dim, gen_params, backend=None if backend == "auto" else backend)
+        if backend != "auto":  # a back-end asked for by name must run here: find out before any work
+            from .ops import resolve_backend
+            resolve_backend(backend, torch.device(device))
     except Exception as e:  # noqa: BLE001 - BackendUnavailable, build failures: all mean "cannot run"
         if backend == "auto":
             return AdaINGen(input_dim, gen_params), f"reference (the fused engine cannot run here: {e})"
@@ -249,6 +252,19 @@ def _resolve_config(config_arg: str | None, carried: dict | None, source: str) -
     return carried
 
 
+def _config_beside(checkpoint: str) -> dict | None:
+    """The config of a council-fast full state in the checkpoint's folder (a training run's
+    checkpoints/ holds both official files and full states), or None."""
+    from .checkpoint import CheckpointError, latest_full_state_path, load_full_state
+
+    folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
+    try:
+        path = latest_full_state_path(folder)
+        return load_full_state(path)["config"] if path else None
+    except (CheckpointError, KeyError):
+        return None
+
+
 def _select_members(available: Sequence[int], member: str) -> list[int]:
     if member in ("all", "random"):
         return list(available)
@@ -271,7 +287,8 @@ def load_model(checkpoint: str, config: str | None = None, direction: str | None
     from .checkpoint import load_generator_states
 
     states = load_generator_states(checkpoint, direction)
-    cfg = _resolve_config(config, states.config, states.source)
+    carried = states.config if states.config is not None or config is not None else _config_beside(checkpoint)
+    cfg = _resolve_config(config, carried, states.source)
     input_dim = cfg["input_dim_a"] if states.direction == "a2b" else cfg["input_dim_b"]
     generators, engine = {}, "reference"
     for k in _select_members(states.members, member):
@@ -643,6 +660,10 @@ def _validate_args(args) -> torch.device:
         args.batch = 32 if device.type == "cuda" else 8
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise ConvertError(f"--output {args.output}: exists and is not a folder")
+    output = os.path.realpath(args.output)
+    if any(os.path.isdir(spec) and os.path.realpath(spec) == output for spec in args.input):
+        raise ConvertError(f"--output {args.output} is also an input folder: its outputs would be taken as "
+                           "inputs next time; choose another --output")
     return device
 
 

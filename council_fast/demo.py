@@ -22,15 +22,22 @@ def run(args) -> int:
     from .cli import main
     from .data import make_synthetic_dataset
 
+    import torch
+
+    from .checkpoint import latest_full_state_path
     if args.iters < 1:
-        raise SystemExit("--iters must be at least 1")
+        raise SystemExit("council-fast demo: error: --iters must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("council-fast demo: error: --device cuda: no CUDA device is available")
     data = os.path.join(args.out, "data")
     if not os.path.isdir(os.path.join(data, "testB")):
         print(f"writing a synthetic two-domain dataset to {data}")
         make_synthetic_dataset(data, seed=args.seed)
     run_dir = os.path.join(args.out, "run")
+    # A second demo into the same folder continues the first run (to --iters) instead of mixing two runs.
+    resume = ["--resume"] if latest_full_state_path(os.path.join(run_dir, "checkpoints")) else []
     status = main(["train", "--config", "tiny", "--data", data, "--out", run_dir, "--iters", str(args.iters),
-                   "--device", args.device, "--seed", str(args.seed)])
+                   "--device", args.device, "--seed", str(args.seed)] + resume)
     if status:
         return status
     converted = os.path.join(args.out, "converted")

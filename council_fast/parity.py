@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, help="batch size (default: the config's batch_size)")
     parser.add_argument("--size", type=int, help="image size (default: the config's crop size)")
     parser.add_argument("--seed", type=int, default=0, help="default: %(default)s")
-    parser.add_argument("--tolerance", type=float, help="override the tolerance of every check")
+    parser.add_argument("--tolerance", type=float, help="override the tolerance of the loss, gradient and parameter checks (the "
+                             "parameter-update check keeps 1e-2 and the normalised-away bias checks keep theirs)")
     parser.add_argument("--verbose", action="store_true", help="print every compared tensor, not only the worst")
 
 
@@ -288,7 +289,12 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("council-fast parity: error: --device cuda: no CUDA device is available", file=sys.stderr)
         return 2
-    config = load_config(args.config)
+    from .config import ConfigError
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"council-fast parity: error: {e}", file=sys.stderr)
+        return 2
     if args.precision == "fp32" and args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False

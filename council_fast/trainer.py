@@ -1,14 +1,19 @@
-"""Train a council with the reference engine: the published Council-GAN training step, exactly.
+"""Train a council: the published Council-GAN training step, exactly (reference engine, or the
+fused engine that batches the council and computes the same step).
 
-One iteration is the D update, the council-D update, then the G update (see
-docs "One training iteration"); the official code's quirks are kept where they change the
+One iteration is the D update, the council-D update, then the G update (the official
+trainer_council.py); the official code's quirks are kept where they change the
 numbers (the b2a D loss is not multiplied by gan_w; the council-D loss divides by
 numberOfCouncil_dis_relative_iteration even when fewer comparisons run; the G-side loss matching
 factor is computed after appending the current losses). Every random choice comes from a
 generator that is part of the saved state, so a resumed run continues bit for bit on the CPU (on a GPU,
 non-deterministic cuDNN algorithms and atomics make it continue to rounding, not bit for bit).
 
-Usage: council-fast train --config C --data D --out O [--resume] [--iters N] [--device cpu|cuda]
+Usage: council-fast train --config C --data D --out O [--resume] [--iters N]
+       [--engine reference|fused] [--precision fp32|bf16] [--device cpu|cuda] [--seed S]
+Files keep the official numbering: the official per-member files and sample images after N
+iterations are named N + 1 (so `--iters 40` ends with b2a_gen_*_00000041.pt), while the full-state
+checkpoint state_<N>.pt is named by the iterations it holds.
 """
 from __future__ import annotations
 
@@ -623,6 +628,11 @@ def _train_on(args, ctx) -> int:
     writer = dp.is_writer(hooks)
     out = os.fspath(args.out)
     checkpoint_dir, image_dir = os.path.join(out, "checkpoints"), os.path.join(out, "images")
+    if args.iters is not None and args.iters < 1:
+        return _fail(f"--iters {args.iters}: must be at least 1")
+    if not args.resume and ckpt.latest_full_state_path(checkpoint_dir) is not None:
+        return _fail(f"{out} already holds a training run ({checkpoint_dir}): pass --resume to continue it, "
+                     "or choose another --out")
     config, state = _resolve_config(args, checkpoint_dir)
     seed = args.seed if args.seed is not None else config["random_seed"]
     if state is not None:

@@ -244,9 +244,13 @@ def test_names_are_unique_and_inputs_never_overwritten(tmp_path, ckpt):
     random_image(4).save(folder / "b_m3_s0.png")  # would be overwritten by b.png's output
     random_image(5).save(folder / "b.png")
     before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
-    # Output into the input folder itself: outputs must not clobber any input.
+    # An input folder as the output folder is refused (outputs would become inputs on the next run)...
     assert run_convert("--config", "tiny", "--checkpoint", ckpt["member3"], "--input", str(folder),
-                       "--output", str(folder), "--seed", "1") == 0
+                       "--output", str(folder), "--seed", "1") == 1
+    assert set(os.listdir(folder)) == set(before)
+    # ...but its files may be named one by one: then outputs go beside them and clobber none of them.
+    assert run_convert("--config", "tiny", "--checkpoint", ckpt["member3"], "--input", *sorted(
+        str(folder / name) for name in before), "--output", str(folder), "--seed", "1") == 0
     for name, data in before.items():
         assert (folder / name).read_bytes() == data, name
     outputs = sorted(set(os.listdir(folder)) - set(before))
@@ -369,7 +373,9 @@ def test_config_that_does_not_fit_fails_before_writing(tmp_path, images, ckpt, c
     assert run_convert("--config", str(config_path), "--checkpoint", ckpt["prefix"], "--input", str(images),
                        "--output", str(out)) == 1
     err = capsys.readouterr().err
-    assert "mis-shaped" in err and "enc_content.model.0.conv.weight" in err
+    # The first keys at fault are named with their shapes, the rest counted, and the likely cause given.
+    assert "mis-shaped keys (52)" in err and "enc_style.model.0.conv.weight: expected (16, 3, 7, 7)" in err
+    assert "and 44 more" in err and "config's network sizes" in err
     assert not out.exists()
 
 

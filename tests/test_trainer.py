@@ -360,3 +360,26 @@ def test_train_command_fused_engine_resumes_a_reference_run(micro_config, synthe
     assert state["iteration"] == 3
     gens = ckpt.load_generator_states(out / "checkpoints" / "00000004")
     assert gens.members == [0, 1]
+
+
+def test_a_second_run_into_the_same_folder_is_refused(micro_config, synthetic_data, tmp_path, capsys):
+    cfg = _write_config(micro_config, tmp_path / "micro.yaml", image_save_iter=100, snapshot_save_iter=100)
+    out = tmp_path / "run"
+    assert _train("--config", cfg, "--data", synthetic_data, "--out", out, "--iters", 1) == 0
+    before = sorted(os.listdir(out / "checkpoints"))
+    assert _train("--config", cfg, "--data", synthetic_data, "--out", out, "--iters", 2) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+    assert sorted(os.listdir(out / "checkpoints")) == before
+    assert _train("--config", cfg, "--data", synthetic_data, "--out", tmp_path / "neg", "--iters", -3) == 2
+    assert "--iters -3: must be at least 1" in capsys.readouterr().err
+
+
+def test_convert_takes_the_config_of_a_training_run(micro_config, synthetic_data, tmp_path):
+    """A run's checkpoints/ converts without --config: its full state carries the config."""
+    cfg = _write_config(micro_config, tmp_path / "micro.yaml", image_save_iter=100, snapshot_save_iter=100)
+    out = tmp_path / "run"
+    assert _train("--config", cfg, "--data", synthetic_data, "--out", out, "--iters", 1) == 0
+    converted = tmp_path / "converted"
+    assert main(["convert", "--checkpoint", str(out / "checkpoints"), "--input", str(synthetic_data / "testB"),
+                 "--output", str(converted), "--seed", "0", "--quiet", "--device", "cpu"]) == 0
+    assert len(os.listdir(converted)) == 2 * len(os.listdir(synthetic_data / "testB"))  # 2 members
