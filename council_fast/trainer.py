@@ -647,6 +647,9 @@ def _train_on(args, ctx) -> int:
     else:
         trainer = CouncilTrainer(config, device, seed=seed)
     if state is not None:
+        if state.get("engine", "reference") != trainer.engine:
+            print(f"note: {state['_path']} was written by the {state.get('engine', 'reference')} engine; "
+                  f"continuing with the {trainer.engine} engine (--engine)", file=sys.stderr)
         trainer.load_state_dict(state, state["_path"])
         if "data" in state:
             loader.load_state(state["data"])
@@ -682,6 +685,7 @@ def _train_on(args, ctx) -> int:
     bar = tqdm(total=target, initial=min(trainer.iteration, target), unit="it", dynamic_ncols=True,
                mininterval=1.0, file=sys.stderr, disable=not writer)
     start, start_iter = time.perf_counter(), trainer.iteration
+    shown_at = -math.inf
     with _StopRequest() as stop:
         try:
             while trainer.iteration < target and not stop.requested:
@@ -699,8 +703,11 @@ def _train_on(args, ctx) -> int:
                 if snapshot:
                     save_full()
                     saved_at = done
-                if done % config["log_iter"] == 0 or done == target:
-                    rate = (done - start_iter) / max(time.perf_counter() - start, 1e-9)
+                now = time.perf_counter()
+                # Reading losses syncs the GPU: at most about once a second, whatever log_iter says.
+                if (done % config["log_iter"] == 0 and now - shown_at >= 1.0) or done == target:
+                    shown_at = now
+                    rate = (done - start_iter) / max(now - start, 1e-9)
                     bar.set_postfix(_summary(losses) | {"it/s": f"{rate:.2f}"}, refresh=False)
                 bar.update(1)
         finally:
