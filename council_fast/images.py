@@ -5,7 +5,6 @@ Tensors are float (C, H, W) or (B, C, H, W) in [-1, 1], the range Council-GAN wo
 from __future__ import annotations
 
 import io
-import math
 import os
 from typing import Sequence
 
@@ -128,8 +127,3 @@ def make_grid(rows: Sequence[Sequence[torch.Tensor]], pad: int = 2) -> torch.Ten
 
 def save_grid(rows: Sequence[Sequence[torch.Tensor]], path: str | os.PathLike, pad: int = 2) -> None:
     save_image(make_grid(rows, pad), path)
-
-
-def grid_shape(n: int) -> tuple[int, int]:
-    cols = math.ceil(math.sqrt(n))
-    return math.ceil(n / cols), cols

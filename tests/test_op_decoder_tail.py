@@ -9,11 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from council_fast.ops import _backend
 from council_fast.ops import decoder_tail as tail_mod
 from council_fast.ops.decoder_tail import decoder_tail, decoder_tail_reference
 from council_fast.reference.networks import blend_with_masks
-from _backends import HAS_CUDA, device_for, require_backend
+from _backends import device_for, require_backend
 
 FUSED = ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
 # (batch, dim, H, W, output_dim, num_masks, channels_last): odd sizes, dim 19 (no block multiple).
