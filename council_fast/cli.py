@@ -20,15 +20,16 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="council-fast", description=__doc__.splitlines()[0].split(":")[0]
-                                     + ": fast, faithful Council-GAN training and conversion.")
+    parser = argparse.ArgumentParser(prog="council-fast",
+                                     description="council-fast: fast, faithful Council-GAN training and conversion.")
     from . import __version__
     parser.add_argument("--version", action="version", version=f"council-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_module=module)
     return parser
