@@ -20,12 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from .cli import main
-    from .data import make_synthetic_dataset
-
     import torch
 
     from .checkpoint import latest_full_state_path
+    from .cli import main
+    from .data import make_synthetic_dataset
+
     if args.iters < 1:
         raise SystemExit("council-fast demo: error: --iters must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -282,14 +282,13 @@ def _print(comparison: Comparison, verbose: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import ConfigError, load_config
     from .fused_trainer import FusedCouncilTrainer
     from .trainer import CouncilTrainer
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("council-fast parity: error: --device cuda: no CUDA device is available", file=sys.stderr)
         return 2
-    from .config import ConfigError
     try:
         config = load_config(args.config)
     except ConfigError as e:
