@@ -2,7 +2,8 @@
 
 ``bench convert``: translate (encode content + decode) a batch of B images at S x S with each engine.
 Its ``reference-official-flow`` row is the official test flow, which also runs the style encoder
-and throws its output away; every other row skips it.
+and throws its output away; every other row skips it. On CUDA a ``fused (...)+cudagraph`` row
+replays the fused translation as one CUDA graph (:mod:`council_fast.cuda_graphs`).
 ``bench train``: one full training iteration (D, council-D and G updates) of the reference trainer
 and of the fused engine. ``bench ops``: forward and forward+backward of the generator's fusable ops
 (AdaIN, instance norm, the decoder tail), reference and (where council_fast.ops has them) fused.
@@ -36,6 +37,7 @@ from typing import Callable
 
 import torch
 
+from .cuda_graphs import GraphedCall
 from .convert import PRECISIONS, ConvertError, autocast_context, check_precision, fast_generator_class, \
     resolve_device
 
@@ -52,6 +54,7 @@ REFERENCE, COMPILED, FUSED = "reference", "reference+compile", "fused"
 # The official test flow runs the style encoder too (encode returns content and style) and throws the
 # style away; ``reference`` rows skip it, as every engine here does.
 OFFICIAL_FLOW = "reference-official-flow"
+FUSED_GRAPHED = "fused+cudagraph"  # CUDA devices only
 
 
 @dataclass
@@ -230,6 +233,8 @@ def bench_convert(config: dict, device, precision: str = "fp32", batch: int = 32
     engines.append((COMPILED, (lambda: torch.compile(_Translate(gen))) if compile else None))
     engines.append((FUSED, lambda: _make_fused(config["input_dim_b"], config["gen"], gen.state_dict(), backend,
                                                device).translate))
+    if device.type == "cuda":  # the same engine with the whole translation replayed as one CUDA graph
+        engines.append((FUSED_GRAPHED, engines[-1][1]))
     for engine, build in engines:
         row = BenchRow(name, engine)
         if build is None:
@@ -246,10 +251,12 @@ def bench_convert(config: dict, device, precision: str = "fp32", batch: int = 32
             row.status, row.reason = "failed", _short(e)
             rows.append(row)
             continue
-        native = engine == FUSED and precision != "fp32"
-        if engine == FUSED:  # the fused engine computes in its parameters' dtype: cast, not autocast
-            row.engine = _fused_label(fn.__self__, device)
+        native = engine in (FUSED, FUSED_GRAPHED) and precision != "fp32"
+        if engine in (FUSED, FUSED_GRAPHED):  # computes in its parameters' dtype: cast, not autocast
+            row.engine = _fused_label(fn.__self__, device) + ("+cudagraph" if engine == FUSED_GRAPHED else "")
             fn.__self__.to(PRECISIONS[precision])
+        if engine == FUSED_GRAPHED:
+            fn = GraphedCall(fn, name="fused translate", strict=True)  # a failed capture is a failed row
         rows.append(_measure(row, runner(fn, autocast=not native), device, warmup, repeats, batch, reference_out))
         if engine == REFERENCE and row.status == "ok":
             reference_out = runner(gen.translate)()

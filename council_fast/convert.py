@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from .cuda_graphs import GraphedCall
 from .images import IMAGE_EXTENSIONS, ImageReadError, open_rgb, save_grid, save_image, test_transform
 
 __all__ = ["ConvertError", "InputItem", "ConversionReport", "Converter", "LoadedModel", "find_inputs",
@@ -313,10 +314,15 @@ class Converter:
     ``device``). The content code is computed once per image and reused for every style. At bf16 /
     fp16 the reference runs under autocast; FastGenerator computes in its parameters' dtype, so
     it is cast to that precision (in place) instead.
+
+    ``cuda_graphs`` (default: on for CUDA devices) replays encode and decode as CUDA graphs, one per
+    input shape (:mod:`council_fast.cuda_graphs`), wherever no autocast is involved (fp32, or the
+    fused engine at any precision).
     """
 
     def __init__(self, generators: Mapping[int, torch.nn.Module] | Sequence[torch.nn.Module],
-                 device: torch.device | str = "cpu", precision: str = "fp32", style_dim: int | None = None):
+                 device: torch.device | str = "cpu", precision: str = "fp32", style_dim: int | None = None,
+                 cuda_graphs: bool | None = None):
         if not isinstance(generators, Mapping):
             generators = dict(enumerate(generators))
         if not generators:
@@ -335,6 +341,10 @@ class Converter:
         for m, gen in self.generators.items():
             if self.native[m]:
                 gen.to(PRECISIONS[precision])
+        if cuda_graphs and self.device.type != "cuda":
+            raise ConvertError(f"CUDA graphs need a CUDA device, not {self.device}")
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        self._graphed: dict[tuple, GraphedCall] = {}
 
     def _gen(self, member: int) -> torch.nn.Module:
         try:
@@ -352,12 +362,22 @@ class Converter:
         gen = self._gen(member)
         return hasattr(gen, "encode_content") and hasattr(gen, "decode")
 
+    def _call(self, member: int, kind: str, fn, *tensors):
+        """fn(*tensors), replayed as a CUDA graph where that is on and no autocast is involved."""
+        if not self.cuda_graphs or not (self.native[member] or self.precision == "fp32"):
+            return fn(*tensors)
+        key = (member, kind)
+        if key not in self._graphed:
+            self._graphed[key] = GraphedCall(fn, name=f"member {member} {kind}")
+        return self._graphed[key](*tensors)
+
     def encode(self, member: int, x: torch.Tensor):
         """The content code of ``x`` (None when the generator only offers translate())."""
         if not self._split(member):
             return None
+        gen = self._gen(member)
         with self._context(member):
-            return self._gen(member).encode_content(x.to(self.device))
+            return self._call(member, "encode", gen.encode_content, x.to(self.device))
 
     def decode(self, member: int, content, z: torch.Tensor, x: torch.Tensor, return_mask: bool = False):
         """Images (and masks in [0, 1] if asked) for content codes, style codes z and source images x."""
@@ -365,9 +385,12 @@ class Converter:
         x, z = x.to(self.device), z.to(self.device).view(z.shape[0], self.style_dim, 1, 1)
         with self._context(member):
             if content is None:
-                result = gen.translate(x, z, return_mask=return_mask)
+                result = self._call(member, f"translate mask={return_mask}",
+                                    lambda x_, z_: gen.translate(x_, z_, return_mask=return_mask), x, z)
             else:
-                result = gen.decode(content, z, x, return_mask=return_mask)
+                result = self._call(member, f"decode mask={return_mask}",
+                                    lambda c_, z_, x_: gen.decode(c_, z_, x_, return_mask=return_mask),
+                                    content, z, x)
         if return_mask:
             return result[0].float(), result[1].float()
         return result.float()
@@ -637,6 +660,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="autocast precision: bf16 on cpu or cuda, fp16 on cuda only (default: %(default)s)")
     parser.add_argument("--backend", choices=ENGINE_BACKENDS, default="auto",
                         help="auto = the fused engine when available, else the reference (default: %(default)s)")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="run every batch eagerly instead of replaying CUDA graphs (cuda only; graphs are "
+                             "used where no autocast is involved: fp32, or the fused engine at any precision)")
     parser.add_argument("--save-masks", action="store_true", help="also write each output's attention masks")
     parser.add_argument("--grid", action="store_true",
                         help=f"also write {GRID_NAME}: one row per input, the input then its outputs "
@@ -697,7 +723,8 @@ def run(args) -> int:
         print(f"council-fast convert: {len(items)} inputs, {model.direction} members "
               f"{','.join(map(str, model.generators))}, engine {model.engine}, {device}, {args.precision}, "
               f"{size}x{size}, seed {seed}", file=sys.stderr)
-    converter = Converter(model.generators, device, args.precision, style_dim=model.config["gen"]["style_dim"])
+    converter = Converter(model.generators, device, args.precision, style_dim=model.config["gen"]["style_dim"],
+                          cuda_graphs=args.cuda_graphs and device.type == "cuda")
     try:
         report = convert_paths(items, converter, args.output, size=size, member_mode=args.member,
                                styles=args.styles, seed=seed, batch=args.batch, workers=args.workers,

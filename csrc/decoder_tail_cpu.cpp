@@ -8,12 +8,22 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "cpu_simd.h"
+
 namespace {
 
-constexpr int64_t kBlock = 32;  // pixels per block
+constexpr int64_t kBlock = 256;  // pixels per block: long contiguous runs per channel when reading h
+constexpr int64_t kSub = 32;     // pixels per register tile of the 1x1 convs (a multiple of kLanes)
+using council_fast::kLanes;
+using council_fast::load;
+using council_fast::splat;
+using council_fast::store;
+using council_fast::tanh_fast;
+using council_fast::vec;
 
 // The hot loops get AVX-512 / AVX2 clones picked at load time, so a generic -march build is fast too.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -28,44 +38,35 @@ struct Pixels {  // element (b, c, p) of a (B, C, H, W) tensor with H*W merged
   int64_t at(int64_t b, int64_t c, int64_t p) const { return b * sb + c * sc + p * sp; }
 };
 
-// y[o][p] = bias[o] + sum_i w[o * in + i] * x[i][p], four output channels at a time.
+// y[o][:] = bias[o] + sum_i w[o * in + i] * x[i][:] for R output channels o0 .. o0 + R - 1, in registers.
+template <int R>
+inline void linear_rows(const float* w, const float* bias, const float* x, float* y, int64_t o0, int64_t in) {
+  constexpr int V = kSub / kLanes;
+  for (int64_t q = 0; q < kBlock; q += kSub) {
+    vec acc[R][V];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) acc[r][v] = splat(bias ? bias[o0 + r] : 0.f);
+    for (int64_t i = 0; i < in; ++i) {
+      vec xv[V];
+      for (int v = 0; v < V; ++v) xv[v] = load(x + i * kBlock + q + v * kLanes);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const float wr = w[(o0 + r) * in + i];
+        for (int v = 0; v < V; ++v) acc[r][v] += wr * xv[v];
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) store(y + (o0 + r) * kBlock + q + v * kLanes, acc[r][v]);
+  }
+}
+
+// y[o][p] = bias[o] + sum_i w[o * in + i] * x[i][p] over a block of pixels ([channel][pixel] arrays).
 COUNCIL_FAST_SIMD_CLONES
 void linear(const float* w, const float* bias, const float* x, float* y, int64_t out, int64_t in) {
   int64_t o = 0;
-  for (; o + 4 <= out; o += 4) {
-    float a0[kBlock], a1[kBlock], a2[kBlock], a3[kBlock];
-    const float c0 = bias ? bias[o] : 0.f, c1 = bias ? bias[o + 1] : 0.f;
-    const float c2 = bias ? bias[o + 2] : 0.f, c3 = bias ? bias[o + 3] : 0.f;
-    for (int64_t p = 0; p < kBlock; ++p) { a0[p] = c0; a1[p] = c1; a2[p] = c2; a3[p] = c3; }
-    const float* w0 = w + o * in;
-    const float* w1 = w0 + in;
-    const float* w2 = w1 + in;
-    const float* w3 = w2 + in;
-    for (int64_t i = 0; i < in; ++i) {
-      const float* xi = x + i * kBlock;
-      const float v0 = w0[i], v1 = w1[i], v2 = w2[i], v3 = w3[i];
-#pragma omp simd
-      for (int64_t p = 0; p < kBlock; ++p) {
-        a0[p] += v0 * xi[p]; a1[p] += v1 * xi[p]; a2[p] += v2 * xi[p]; a3[p] += v3 * xi[p];
-      }
-    }
-    for (int64_t p = 0; p < kBlock; ++p) {
-      y[o * kBlock + p] = a0[p]; y[(o + 1) * kBlock + p] = a1[p];
-      y[(o + 2) * kBlock + p] = a2[p]; y[(o + 3) * kBlock + p] = a3[p];
-    }
-  }
-  for (; o < out; ++o) {
-    float a[kBlock];
-    const float c = bias ? bias[o] : 0.f;
-    for (int64_t p = 0; p < kBlock; ++p) a[p] = c;
-    for (int64_t i = 0; i < in; ++i) {
-      const float v = w[o * in + i];
-      const float* xi = x + i * kBlock;
-#pragma omp simd
-      for (int64_t p = 0; p < kBlock; ++p) a[p] += v * xi[p];
-    }
-    for (int64_t p = 0; p < kBlock; ++p) y[o * kBlock + p] = a[p];
-  }
+  for (; o + 8 <= out; o += 8) linear_rows<8>(w, bias, x, y, o, in);
+  for (; o + 4 <= out; o += 4) linear_rows<4>(w, bias, x, y, o, in);
+  for (; o < out; ++o) linear_rows<1>(w, bias, x, y, o, in);
 }
 
 // gw[o * in + i] += sum_p g[o][p] * x[i][p]
@@ -115,18 +116,23 @@ struct Scratch {
 template <typename scalar_t>
 void block_forward(const Weights& w, const scalar_t* h, const Pixels& hs, int64_t b, int64_t p0, int64_t count,
                    Scratch& s) {
-  for (int64_t c = 0; c < w.D; ++c)
-    for (int64_t p = 0; p < kBlock; ++p)
-      s.x[c * kBlock + p] = p < count ? static_cast<float>(h[hs.at(b, c, p0 + p)]) : 0.f;
+  for (int64_t c = 0; c < w.D; ++c) {
+    float* xc = s.x.data() + c * kBlock;
+    const scalar_t* hc = h + hs.at(b, c, p0);
+    if (hs.sp == 1) {
+      for (int64_t p = 0; p < count; ++p) xc[p] = static_cast<float>(hc[p]);
+    } else {
+      for (int64_t p = 0; p < count; ++p) xc[p] = static_cast<float>(hc[p * hs.sp]);
+    }
+    std::fill(xc + count, xc + kBlock, 0.f);
+  }
   linear(w.w1.data(), w.b1.data(), s.x.data(), s.a1.data(), w.D, w.D);
   for (int64_t i = 0; i < w.D * kBlock; ++i) s.r1[i] = s.a1[i] > 0.f ? s.a1[i] : 0.f;
   linear(w.w2.data(), w.b2.data(), s.r1.data(), s.a2.data(), w.D, w.D);
   for (int64_t i = 0; i < w.D * kBlock; ++i) s.r2[i] = s.a2[i] > 0.f ? s.a2[i] : 0.f;
   linear(w.w3.data(), w.b3.data(), s.r2.data(), s.t.data(), w.N, w.D);
-  for (int64_t i = 0; i < w.N * kBlock; ++i) s.t[i] = std::tanh(s.t[i]);
+  council_fast::tanh_array(s.t.data(), s.t.data(), w.N * kBlock);
 }
-
-inline float mask_of(float logit) { return (std::tanh(10.f * logit) + 1.f) * 0.5f; }
 
 void check_inputs(const at::Tensor& h, const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& images,
                   int64_t num_masks) {
@@ -189,17 +195,23 @@ void forward(const at::Tensor& h, const at::Tensor& w1, const at::Tensor& b1, co
         const int64_t b = blk / per_image, p0 = (blk % per_image) * kBlock;
         const int64_t count = std::min(kBlock, HW - p0);
         block_forward(w, hp, hs, b, p0, count, s);
-        for (int64_t p = 0; p < count; ++p) {
-          float m[64];
+        float* masks_now = s.a1.data();  // free after block_forward: masks_now[k * kBlock + p]
+        const float* logits = s.t.data() + w.O * w.M * kBlock;
+        for (int64_t i = 0; i < w.M * kBlock; i += kLanes)
+          store(masks_now + i, (council_fast::tanh_vec(10.f * load(logits + i)) + 1.f) * 0.5f);
+        for (int64_t k = 0; k < w.M; ++k)
+          for (int64_t p = 0; p < count; ++p)
+            mp[(b * w.M + k) * HW + p0 + p] = static_cast<scalar_t>(masks_now[k * kBlock + p]);
+        for (int64_t c = 0; c < w.O; ++c) {
+          float v[kBlock];
+          for (int64_t p = 0; p < kBlock; ++p) v[p] = p < count ? static_cast<float>(ip[is.at(b, c, p0 + p)]) : 0.f;
           for (int64_t k = 0; k < w.M; ++k) {
-            m[k] = mask_of(s.t[(w.O * w.M + k) * kBlock + p]);
-            mp[(b * w.M + k) * HW + p0 + p] = static_cast<scalar_t>(m[k]);
+            const float* m = masks_now + k * kBlock;
+            const float* cand = s.t.data() + (w.O * k + c) * kBlock;
+_Pragma("omp simd")
+            for (int64_t p = 0; p < kBlock; ++p) v[p] = (1.f - m[p]) * v[p] + m[p] * cand[p];
           }
-          for (int64_t c = 0; c < w.O; ++c) {
-            float v = static_cast<float>(ip[is.at(b, c, p0 + p)]);
-            for (int64_t k = 0; k < w.M; ++k) v = (1.f - m[k]) * v + m[k] * s.t[(w.O * k + c) * kBlock + p];
-            op[(b * w.O + c) * HW + p0 + p] = static_cast<scalar_t>(v);
-          }
+          for (int64_t p = 0; p < count; ++p) op[(b * w.O + c) * HW + p0 + p] = static_cast<scalar_t>(v[p]);
         }
       }
     });
@@ -220,7 +232,7 @@ void blend_backward(const Weights& w, const Scratch& s, int64_t p, const float* 
   float m[64], th[64];
   for (int64_t c = 0; c < O; ++c) states[c] = img[c];
   for (int64_t k = 0; k < M; ++k) {
-    th[k] = std::tanh(10.f * s.t[(O * M + k) * kBlock + p]);
+    th[k] = tanh_fast(10.f * s.t[(O * M + k) * kBlock + p]);
     m[k] = (th[k] + 1.f) * 0.5f;
     for (int64_t c = 0; c < O; ++c)
       states[(k + 1) * O + c] = (1.f - m[k]) * states[k * O + c] + m[k] * s.t[(O * k + c) * kBlock + p];

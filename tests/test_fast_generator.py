@@ -12,10 +12,12 @@ import warnings
 import pytest
 import torch
 
+from council_fast import fast_generator as fast_generator_mod
 from council_fast.fast_generator import FastGenerator
 from council_fast.ops import _backend
 from council_fast.ops import adain as adain_mod
 from council_fast.ops import decoder_tail as tail_mod
+from council_fast.ops import winograd as winograd_mod
 from council_fast.ops._backend import BackendUnavailable
 from council_fast.reference.networks import AdaINGen, Conv2dBlock
 from _backends import HAS_CUDA, device_for, require_backend
@@ -115,6 +117,20 @@ def test_tiny_config(backend, tiny_config):
 def test_odd_config(backend, tiny_config):
     size = (16, 18) if backend == "triton" and not HAS_CUDA else (18, 22)
     _compare(_odd_params(tiny_config), backend, 1, *size)
+
+
+@pytest.mark.parametrize("params_of, size", [(_tiny_params, (20, 28)), (_odd_params, (18, 22))], ids=["tiny", "odd"])
+def test_winograd_convs_cpu(params_of, size, tiny_config, monkeypatch):
+    """With every zero-padded 3x3 conv on the Winograd path (normally only the >= 128-channel ones),
+    the generator still meets the fp32 tolerances, forward and backward."""
+    require_backend("cpu")
+    monkeypatch.setattr(winograd_mod, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd_mod, "POISON_OUTPUTS", True)
+    calls = []
+    real = winograd_mod.conv3x3
+    monkeypatch.setattr(fast_generator_mod, "winograd_conv3x3", lambda *a: calls.append(1) or real(*a))
+    _compare(params_of(tiny_config), "cpu", 2, *size)
+    assert len(calls) >= 2 * params_of(tiny_config)["n_res"] * 2  # encoder and decoder residual convs
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])

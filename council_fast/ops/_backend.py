@@ -124,7 +124,8 @@ def _build(kind: str, verbose: bool):
     from torch.utils import cpp_extension
     sources = _sources(kind)
     digest = hashlib.sha1()
-    for path in sources:
+    headers = sorted(glob.glob(os.path.join(csrc_dir(), "*.h")))
+    for path in sources + headers:
         with open(path, "rb") as f:
             digest.update(f.read())
     cflags = ["-O3", "-std=c++17", "-fopenmp"]

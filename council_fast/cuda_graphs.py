@@ -1,0 +1,112 @@
+"""Replay fixed-shape inference calls as CUDA graphs (conversion and its benchmark).
+
+A generator call at batch 1 launches a few hundred small kernels; on a fast GPU the launches, not
+the arithmetic, set the latency. :class:`GraphedCall` captures a call once per input shape into a
+CUDA graph and replays it: inputs are copied into the graph's static buffers, one launch runs
+everything. A batch smaller than the captured one (the last, partial batch of a folder) runs in the
+same graph: its rows are copied over the first rows of the static inputs, the other rows keep the
+previous batch's values, and since every op of the generator works per sample (instance norm,
+AdaIN, convolutions), they cannot change the real rows; only those are returned.
+
+The returned tensors are views of the graph's static outputs: valid until the next call of the same
+``GraphedCall`` (copy them, e.g. ``.cpu()``, before calling again). Capture runs under the caller's
+grad mode; call it under ``torch.inference_mode()``. If a capture fails (an op that synchronises
+with the host, say) the call falls back to eager execution with one warning, or raises in strict
+mode (COUNCIL_FAST_STRICT=1).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .ops._backend import strict_mode
+
+__all__ = ["GraphedCall", "CudaGraphError"]
+
+
+class CudaGraphError(RuntimeError):
+    """CUDA graph capture failed in strict mode."""
+
+
+@dataclass
+class _Captured:
+    graph: "torch.cuda.CUDAGraph"
+    capacity: int
+    inputs: list[torch.Tensor]
+    outputs: object  # a tensor or a tuple of tensors
+
+
+class GraphedCall:
+    """``fn(*inputs)`` for CUDA tensors sharing their first (batch) dimension, replayed as CUDA graphs."""
+
+    def __init__(self, fn: Callable, name: str = "call", warmup: int = 2, strict: bool | None = None):
+        self.fn, self.name, self.warmup = fn, name, warmup
+        self.strict = strict_mode(strict)
+        self.captured: dict[tuple, _Captured] = {}
+        self.failed: dict[tuple, str] = {}
+        self.captures = 0  # graphs captured so far (tests and benchmarks read it)
+
+    def __call__(self, *inputs: torch.Tensor):
+        _check_inputs(inputs, self.name)
+        n = inputs[0].shape[0]
+        key = tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in inputs)
+        if key in self.failed:
+            return self.fn(*inputs)
+        entry = self.captured.get(key)
+        if entry is None or entry.capacity < n:
+            try:
+                entry = self._capture(inputs)
+            except Exception as e:  # noqa: BLE001 - any capture failure means "run eagerly"
+                return self._give_up(key, e, inputs)
+            self.captured[key] = entry
+        for static, t in zip(entry.inputs, inputs):
+            static[:n].copy_(t)
+        entry.graph.replay()
+        return _rows(entry.outputs, n)
+
+    def _capture(self, inputs) -> _Captured:
+        n = inputs[0].shape[0]
+        static = []
+        for t in inputs:
+            buf = torch.empty_like(t, memory_format=torch.contiguous_format)
+            buf.copy_(t)
+            static.append(buf)
+        side = torch.cuda.Stream(device=inputs[0].device)
+        side.wait_stream(torch.cuda.current_stream(inputs[0].device))
+        with torch.cuda.stream(side):  # warm-up: kernel JIT builds, autotuning, cuDNN plans happen here
+            for _ in range(self.warmup):
+                self.fn(*static)
+        torch.cuda.current_stream(inputs[0].device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self.fn(*static)
+        self.captures += 1
+        return _Captured(graph, n, static, outputs)
+
+    def _give_up(self, key, error: Exception, inputs):
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        if self.strict:
+            raise CudaGraphError(f"council-fast: CUDA graph capture of {self.name} failed ({reason})") from error
+        self.failed[key] = reason
+        warnings.warn(f"council-fast: CUDA graph capture of {self.name} failed ({reason}); running it eagerly",
+                      RuntimeWarning, stacklevel=3)
+        return self.fn(*inputs)
+
+
+def _check_inputs(inputs, name: str) -> None:
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise TypeError(f"{name}: CUDA graphs take tensor arguments only")
+    if any(t.device.type != "cuda" for t in inputs):
+        raise ValueError(f"{name}: CUDA graphs need CUDA tensors, got {[str(t.device) for t in inputs]}")
+    n = inputs[0].shape[0] if inputs[0].dim() else None
+    if n is None or any(t.dim() == 0 or t.shape[0] != n for t in inputs):
+        raise ValueError(f"{name}: all inputs must share their first (batch) dimension")
+
+
+def _rows(outputs, n: int):
+    if isinstance(outputs, torch.Tensor):
+        return outputs[:n]
+    return type(outputs)(_rows(o, n) for o in outputs)

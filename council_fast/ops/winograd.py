@@ -1,0 +1,163 @@
+"""3x3 convolutions (stride 1, zero padding 1) by Winograd F(4x4, 3x3) on the CPU.
+
+Each 4x4 output tile of a 3x3 convolution needs 6x6 input pixels. Winograd's algorithm computes it
+as ``A^T [(G w G^T) . (B^T d B)] A``: the channel sums become 36 independent GEMMs of
+(C_out x C_in) by (C_in x tiles), 4x fewer multiply-adds than the direct convolution. That is where
+the fp32 CPU engine gains most: the twenty 256-channel 3x3 convolutions at 64x64 are ~2/3 of a
+256x256 translation, and the direct ones already run at the core's peak.
+
+Interpolation points 0, -1, 1, 1/2, -2 (and infinity): with these the error is ~12x that of the
+direct convolution (~3e-6 relative per 256-channel layer, against ~8e-6 for the common
+0, +-1, +-2), well inside the fp32 tolerance; B^T and A^T hold exact binary fractions, G is
+applied in float64 once per weight.
+
+Back-ends: ``cpu`` (transforms in csrc/winograd_cpu.cpp, the GEMMs in torch / MKL) and the
+reference twin :func:`conv3x3_reference` (``F.conv2d``). Gradients are those of the exact
+convolution (ATen's ``convolution_backward``), which Winograd equals up to rounding.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import load_extension
+
+__all__ = ["conv3x3", "conv3x3_reference", "winograd_applies", "transform_weight", "WINOGRAD_MIN_CHANNELS",
+           "MAX_TILES_PER_CHUNK"]
+
+# Below this many input or output channels the GEMMs are too thin to beat oneDNN's direct convolution.
+WINOGRAD_MIN_CHANNELS = 128
+# Samples are transformed in chunks of at most this many tiles, bounding the transformed buffers
+# (36 x C x tiles floats each: 9.4 MB at 256 channels).
+MAX_TILES_PER_CHUNK = 1024
+# Tests set this: outputs start as NaN, so an element the kernels forget to write shows up.
+POISON_OUTPUTS = False
+
+_F = 1.0 / 3.0
+# Rows of B^T / A^T / G for the points (0, -1, 1, 1/2, -2, infinity); tests check the identity in float64.
+_BT = ((1, -1.5, -2, 1.5, 1, 0), (0, 1, -2.5, 0.5, 1, 0), (0, -1, 0.5, 2.5, 1, 0),
+       (0, -2, -1, 2, 1, 0), (0, 0.5, -1, -0.5, 1, 0), (0, 1, -1.5, -2, 1.5, 1))
+_AT = ((1, 1, 1, 1, 1, 0), (0, -1, 1, 0.5, -2, 0), (0, 1, 1, 0.25, 4, 0), (0, -1, 1, 0.125, -8, 1))
+_G = ((1, 0, 0), (-_F, _F, -_F), (_F, _F, _F), (-16 / 15, -8 / 15, -4 / 15), (1 / 15, -2 / 15, 4 / 15), (0, 0, 1))
+
+
+def matrices(dtype=torch.float64):
+    """(B^T 6x6, A^T 4x6, G 6x3) of F(4x4, 3x3)."""
+    return (torch.tensor(_BT, dtype=dtype), torch.tensor(_AT, dtype=dtype), torch.tensor(_G, dtype=dtype))
+
+
+def conv3x3_reference(x, weight, bias=None):
+    return F.conv2d(x, weight, bias, padding=1)
+
+
+def winograd_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`conv3x3` takes the Winograd path for these operands (else it calls F.conv2d)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.dim() == 4 and weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3)
+            and weight.shape[1] == x.shape[1] and min(weight.shape[0], weight.shape[1]) >= WINOGRAD_MIN_CHANNELS
+            and x.shape[0] > 0 and x.shape[2] > 0 and x.shape[3] > 0)
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 weight; Winograd on fp32 CPU tensors with
+    at least WINOGRAD_MIN_CHANNELS channels in and out, F.conv2d otherwise."""
+    if not winograd_applies(x, weight):
+        return conv3x3_reference(x, weight, bias)
+    load_extension("cpu")
+    transformed = transform_weight(weight) if torch.compiler.is_compiling() else _cached_transform(weight)
+    return torch.ops.council_fast.conv3x3_winograd(x.contiguous(), weight, bias, transformed)
+
+
+def transform_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in, 3, 3) -> (36, C_out, C_in): G w G^T per filter, computed in float64, rounded once."""
+    _, _, g = matrices()
+    u = torch.einsum("ji,ocil,kl->jkoc", g, weight.detach().to(torch.float64), g)
+    return u.reshape(36, weight.shape[0], weight.shape[1]).to(torch.float32).contiguous()
+
+
+_weight_cache: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def _cached_transform(weight: torch.Tensor) -> torch.Tensor:
+    # Keyed by the weight tensor's identity; its version counter moves on every in-place update
+    # (optimizer steps, load_state_dict), which invalidates the entry.
+    key = id(weight)
+    hit = _weight_cache.get(key)
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+        return hit[2]
+    transformed = transform_weight(weight)
+    if hit is None or hit[0]() is not weight:
+        weakref.finalize(weight, _weight_cache.pop, key, None)
+    _weight_cache[key] = (weakref.ref(weight), weight._version, transformed)
+    return transformed
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom op (what torch.compile and autograd see)
+
+
+def _tiles(size: int) -> int:
+    return (size + 3) // 4
+
+
+@torch.library.custom_op("council_fast::conv3x3_winograd", mutates_args=())
+def _conv3x3_winograd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         transformed: torch.Tensor) -> torch.Tensor:
+    batch, _, height, width = x.shape
+    c_out = weight.shape[0]
+    y = torch.empty((batch, c_out, height, width), dtype=x.dtype)
+    if POISON_OUTPUTS:
+        y.fill_(float("nan"))
+    bias32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    per_sample = _tiles(height) * _tiles(width)
+    step = max(1, MAX_TILES_PER_CHUNK // per_sample)
+    for start in range(0, batch, step):
+        chunk = x[start:start + step]
+        columns = chunk.shape[0] * per_sample
+        v = _scratch("v", 36 * x.shape[1] * columns).view(36, x.shape[1], columns)
+        m = _scratch("m", 36 * c_out * columns).view(36, c_out, columns)
+        torch.ops.council_fast_cpu.winograd_input_transform(chunk, v)
+        torch.bmm(transformed, v, out=m)
+        torch.ops.council_fast_cpu.winograd_output_transform(m, bias32, y[start:start + step])
+    return y
+
+
+@_conv3x3_winograd_op.register_fake
+def _conv3x3_winograd_fake(x, weight, bias, transformed):
+    return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_y):
+    x, weight = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    dx, dw, db = torch.ops.aten.convolution_backward(
+        grad_y.contiguous(), x, weight, [weight.shape[0]] if ctx.has_bias else None,
+        [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
+    return dx, dw, db if ctx.has_bias else None, None
+
+
+_conv3x3_winograd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+_scratch_buffers = threading.local()
+
+
+def _scratch(name: str, numel: int) -> torch.Tensor:
+    """A per-thread buffer of at least ``numel`` floats, kept between calls: fresh multi-MB allocations
+    cost page faults that would eat a third of the gain."""
+    buffers = _scratch_buffers.__dict__
+    buf = buffers.get(name)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=torch.float32)
+        buffers[name] = buf
+    return buf[:numel]
