@@ -7,7 +7,10 @@ block ``i`` belongs to member ``i``. In that layout
 
 - a convolution of every member is one convolution with the stacked weight and ``groups=N``
   (with ``groups=1`` when the input is shared by all members, as the source image is);
-- instance norm and AdaIN work per (sample, channel) plane, so they need nothing special;
+- instance norm and AdaIN work per (sample, channel) plane, so they need nothing special: they run
+  as the fused kernels of :mod:`council_fast.ops.adain` (with the following ReLU or the residual
+  add of a residual block folded in), on the back-end ``kernel_backend`` names (None: the
+  COUNCIL_FAST_BACKEND variable, else the automatic choice of the device);
 - the style MLP is one batched matrix multiply over the member dimension.
 
 The forward passes interpret a reference module tree (built on the ``meta`` device, it holds no
@@ -22,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops._backend import resolve_backend
+from .ops.adain import adain as adain_op
+from .ops.adain import instance_norm
 from .reference.networks import (AdaINGen, AdaptiveInstanceNorm2d, Conv2dBlock, MsImageDis,
                                  MsImageDisCouncil, ResBlock, ResBlocks, blend_with_masks)
 
@@ -66,9 +72,10 @@ def _activation(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
 class StackedNetwork(nn.Module):
     """N copies of ``template``'s parameters and buffers, stacked on a leading member dimension."""
 
-    def __init__(self, template: nn.Module, n: int):
+    def __init__(self, template: nn.Module, n: int, kernel_backend: str | None = None):
         super().__init__()
         self.n = n
+        self.kernel_backend = kernel_backend  # of the norm kernels; None: COUNCIL_FAST_BACKEND or automatic
         object.__setattr__(self, "template", template)  # not a submodule: it holds no data
         self.state_keys = list(template.state_dict().keys())
         self.parameter_keys = [k for k, _ in template.named_parameters()]
@@ -135,20 +142,34 @@ class StackedNetwork(nn.Module):
             raise UnsupportedForFusion(f"{key}: only plain convolutions are stacked")
         return F.conv2d(x, weight, bias, conv.stride, padding, 1, 1 if shared else self.n)
 
-    def _norm(self, key: str, norm: nn.Module | None, x: torch.Tensor, adain: Mapping | None):
+    def _norm(self, key: str, norm: nn.Module | None, x: torch.Tensor, adain: Mapping | None,
+              relu: bool = False, residual: torch.Tensor | None = None):
+        """Instance norm / AdaIN of every plane, then (fused) ReLU and residual add, on the kernel back-end."""
         if norm is None:
-            return x
+            y = F.relu(x) if relu else x
+            return y if residual is None else y + residual
+        backend = self._backend(x)
         if isinstance(norm, nn.InstanceNorm2d) and not norm.affine and not norm.track_running_stats:
-            return F.instance_norm(x, eps=norm.eps)
+            if residual is None:
+                return instance_norm(x, relu=relu, eps=norm.eps, backend=backend)
+            ones = torch.ones(x.shape[:2], dtype=torch.float32, device=x.device)
+            return adain_op(x, ones, torch.zeros_like(ones), residual=residual, relu=relu, eps=norm.eps, backend=backend)
         if isinstance(norm, AdaptiveInstanceNorm2d):
             if adain is None or key not in adain:
                 raise RuntimeError(f"{key}: AdaIN parameters were not supplied")
             weight, bias = adain[key]
-            b, c = x.shape[:2]
-            out = F.batch_norm(x.reshape(1, b * c, *x.shape[2:]), None, None, weight.reshape(-1),
-                               bias.reshape(-1), True, 0.0, norm.eps)
-            return out.view_as(x)
+            return adain_op(x, weight, bias, residual=residual, relu=relu, eps=norm.eps, backend=backend)
         raise UnsupportedForFusion(f"{key}: norm {type(norm).__name__} is not supported by the stacked networks")
+
+    def _backend(self, x: torch.Tensor) -> str:
+        return resolve_backend(self.kernel_backend, x.device)
+
+    def _conv_block(self, prefix: str, block: Conv2dBlock, x: torch.Tensor, shared: bool, adain: Mapping | None,
+                    residual: torch.Tensor | None = None) -> torch.Tensor:
+        x = self._conv(f"{prefix}.conv", block.conv, block.pad, x, shared)
+        relu = isinstance(block.activation, nn.ReLU)
+        x = self._norm(f"{prefix}.norm", block.norm, x, adain, relu=relu, residual=residual)
+        return x if relu else _activation(block.activation, x)
 
     def _run(self, module: nn.Module, prefix: str, x: torch.Tensor, shared: bool,
              adain: Mapping | None = None) -> tuple[torch.Tensor, bool]:
@@ -160,12 +181,17 @@ class StackedNetwork(nn.Module):
         if isinstance(module, ResBlocks):
             return self._run(module.model, f"{prefix}.model", x, shared, adain)
         if isinstance(module, ResBlock):
-            y, _ = self._run(module.model, f"{prefix}.model", x, shared, adain)
-            return y + (x.repeat(1, self.n, 1, 1) if shared else x), False
+            skip = x.repeat(1, self.n, 1, 1) if shared else x
+            *body, last = module.model.named_children()
+            y = x
+            for name, child in body:
+                y, shared = self._run(child, f"{prefix}.model.{name}", y, shared, adain)
+            if isinstance(last[1], Conv2dBlock) and last[1].activation is None:  # residual add fused into the norm
+                return self._conv_block(f"{prefix}.model.{last[0]}", last[1], y, shared, adain, skip), False
+            y, _ = self._run(last[1], f"{prefix}.model.{last[0]}", y, shared, adain)
+            return y + skip, False
         if isinstance(module, Conv2dBlock):
-            x = self._conv(f"{prefix}.conv", module.conv, module.pad, x, shared)
-            x = self._norm(f"{prefix}.norm", module.norm, x, adain)
-            return _activation(module.activation, x), False
+            return self._conv_block(prefix, module, x, shared, adain), False
         if isinstance(module, nn.Conv2d):
             return self._conv(prefix, module, None, x, shared), False
         if isinstance(module, nn.Upsample):
@@ -204,8 +230,8 @@ class StackedAdaINGen(StackedNetwork):
     not use its output.
     """
 
-    def __init__(self, input_dim: int, gen_params: Mapping, n: int):
-        super().__init__(_meta_template(lambda: AdaINGen(input_dim, dict(gen_params))), n)
+    def __init__(self, input_dim: int, gen_params: Mapping, n: int, kernel_backend: str | None = None):
+        super().__init__(_meta_template(lambda: AdaINGen(input_dim, dict(gen_params))), n, kernel_backend)
         self.input_dim = input_dim
         self.num_masks = self.template.dec.num_of_mask_dim_to_add
         self.adain_layers = [(f"dec.{name}", m.num_features) for name, m in self.template.dec.named_modules()

@@ -47,18 +47,28 @@ def test_stacked_generator_equals_members(config):
         _randomise(m, i)
     stacked = StackedAdaINGen(3, config["gen"], n)
     stacked.load_members([m.state_dict() for m in members])
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
-    z = torch.randn(2, config["gen"]["style_dim"], 1, 1)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1
+    z = torch.randn(2, config["gen"]["style_dim"], 1, 1, generator=gen)
     out, masks = stacked.translate(x, z, return_mask=True)
     assert out.shape == (2, n * 3, 32, 32)
     content = stacked.encode(x)
-    for i, m in enumerate(members):
+    for i, m in enumerate(members):  # the stacked norms are the fused kernels: judged against float64
+        exact = copy.deepcopy(m).double()
         ref_content = m.encode_content(x)
         c = ref_content.shape[1]
-        assert _rel(content[:, i * c:(i + 1) * c], ref_content) < 1e-5
+        _assert_as_exact(content[:, i * c:(i + 1) * c], ref_content, exact.encode_content(x.double()))
         ref = m.translate(x, z)
-        assert _rel(out[:, 3 * i:3 * i + 3], ref) < 1e-5
-        assert _rel(masks[:, i], m.dec.mask_s) < 1e-5
+        _assert_as_exact(out[:, 3 * i:3 * i + 3], ref, exact.translate(x.double(), z.double()))
+        _assert_as_exact(masks[:, i], m.dec.mask_s, exact.dec.mask_s)
+
+
+def _assert_as_exact(fused, reference, exact, slack=1.5, floor=1e-6):
+    """fused (fp32) is at most ``slack`` times as far from the float64 result as the fp32 reference is."""
+    fused, reference = fused.detach().double(), reference.detach().double()
+    exact = exact.detach()
+    assert _rel(fused, exact) <= slack * _rel(reference, exact) + floor, \
+        f"fused {_rel(fused, exact):.3g} vs reference {_rel(reference, exact):.3g} from float64"
 
 
 def test_stacked_discriminators_equal_members(config):
@@ -269,16 +279,24 @@ def test_save_official_writes_member_files(config, tmp_path):
 
 
 def test_sample_and_gen_match_reference(config):
+    """Judged against the float64 reference: at fresh kaiming weights the fp32 reference itself is ~1e-4
+    off (instance norm over the 8x8 content planes amplifies rounding), so fused and reference, which
+    round differently (fused norm kernels), may differ by that much; each must be as close to exact."""
     ref, fused = _pair(config, seed=5)
     x = synthetic_batch(config, 3, SIZE, 2, "cpu")[1]
-    # 3e-5, not 1e-5: at fresh kaiming weights the reference itself moves by ~1e-5 when its input
-    # moves by 1e-7 (instance norm over the 8x8 content planes amplifies rounding).
-    for a, b in zip(ref.sample(x), fused.sample(x)):
-        assert _rel(b, a) < 3e-5
+    z_display = ref.display_z.repeat(-(-x.size(0) // ref.display_z.size(0)), 1, 1, 1)[:x.size(0)]
+    for i, (a, b) in enumerate(zip(ref.sample(x), fused.sample(x))):
+        _assert_as_exact(b, a, _float64_translation(ref.gen("b2a", i), x, z_display))
     sub = fused.sample(x, members=[2])
-    assert len(sub) == 1 and _rel(sub[0], ref.sample(x, members=[2])[0]) < 3e-5
+    assert len(sub) == 1
+    _assert_as_exact(sub[0], ref.sample(x, members=[2])[0], _float64_translation(ref.gen("b2a", 2), x, z_display))
     z = torch.randn(3, config["gen"]["style_dim"], 1, 1)
     assert _rel(fused.gen("b2a", 1).translate(x, z), ref.gen("b2a", 1).translate(x, z)) < 1e-6
+
+
+def _float64_translation(gen, x, z):
+    with torch.no_grad():
+        return copy.deepcopy(gen).double().translate(x.double(), z.double())
 
 
 # ---------------------------------------------------------------------- fallback

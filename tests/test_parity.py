@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from council_fast import fused_trainer, parity
+from council_fast.parity import compare_iteration
 
 torch.set_num_threads(2)
 
@@ -59,3 +60,33 @@ def test_cuda_request_without_cuda_is_an_error(capsys):
         pytest.skip("a CUDA device is present")
     status, _ = _run(["--device", "cuda"], capsys)
     assert status == 2
+
+
+def _one_parameter_iteration(grad_ref, grad_fused, before, after_ref, after_fused, lr=1e-4):
+    key = ("b2a", "gen", 0, "w")
+    states = lambda t: {"b2a": {"gen": [{"w": t}]}}  # noqa: E731
+    return compare_iteration("one", {"l": 1.0}, {"l": 1.0}, {key: grad_ref}, {key: grad_fused}, states(after_ref),
+                             states(after_fused), states(before), set(), lr, 1e-4)
+
+
+def _check(comparison, name):
+    return next(c for c in comparison.checks if c.name.startswith(name))
+
+
+def test_noise_floor_elements_are_compared_against_lr_not_norm_wise():
+    """Element 2's gradient is rounding noise (1e-7 of the largest): Adam may move it anywhere in
+    [-lr, lr] in each engine, so it leaves the norm-wise comparison and may differ by up to 2 lr."""
+    lr = 1e-4
+    grad = torch.tensor([1.0, -0.5, 1e-7])
+    before = torch.zeros(3, dtype=torch.float64)
+    after_ref = torch.tensor([-lr, lr, -lr], dtype=torch.float64)
+    opposite = torch.tensor([-lr, lr, lr], dtype=torch.float64)  # the noise element stepped the other way
+    ok = _one_parameter_iteration(grad, grad * (1 + 1e-6), before, after_ref, opposite, lr)
+    assert ok.ok and _check(ok, "parameters (||a-b||").worst == 0.0
+    assert abs(_check(ok, "noise-floor").worst - 2.0) < 1e-9
+    too_far = torch.tensor([-lr, lr, 2 * lr], dtype=torch.float64)
+    bad = _one_parameter_iteration(grad, grad, before, after_ref, too_far, lr)
+    assert not bad.ok and not _check(bad, "noise-floor").ok
+    live_difference = torch.tensor([-lr, 0.9 * lr, -lr], dtype=torch.float64)  # a real element differs
+    bad = _one_parameter_iteration(grad, grad, before, after_ref, live_difference, lr)
+    assert not _check(bad, "parameters (||a-b||").ok
