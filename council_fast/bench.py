@@ -9,7 +9,10 @@ and of the fused engine. ``bench ops``: forward and forward+backward of the gene
 (AdaIN, instance norm, the decoder tail), reference and (where council_fast.ops has them) fused.
 
 Every timing is the median over --repeats runs after --warmup untimed runs (the first of which
-includes any compilation), the device synchronised around each run. A failing engine (a compile
+includes any compilation), the device synchronised around each run. On the CPU, ``bench convert``
+times its engines round-robin (one run of each per round), so the load drifts of a shared machine
+hit every engine alike; on a GPU it times one engine after the other, so that each row's peak
+memory is its own. A failing engine (a compile
 error, say) is reported in the table, not raised. ``--json F`` writes every field below.
 
 JSON fields. Top level: ``benchmark`` (convert | train | ops); ``settings`` (config, device,
@@ -227,7 +230,7 @@ def bench_convert(config: dict, device, precision: str = "fp32", batch: int = 32
                 return fn(x, z)
         return call
 
-    rows, reference_out = [], None
+    rows = []
     engines = [(REFERENCE, lambda: gen.translate),
                (OFFICIAL_FLOW, lambda: lambda x, z: gen.decode(gen.encode(x)[0], z, x))]
     engines.append((COMPILED, (lambda: torch.compile(_Translate(gen))) if compile else None))
@@ -235,21 +238,20 @@ def bench_convert(config: dict, device, precision: str = "fp32", batch: int = 32
                                                device).translate))
     if device.type == "cuda":  # the same engine with the whole translation replayed as one CUDA graph
         engines.append((FUSED_GRAPHED, engines[-1][1]))
+    built = []  # (row, call) of every engine that could be built
     for engine, build in engines:
         row = BenchRow(name, engine)
+        rows.append(row)
         if build is None:
             row.status, row.reason = "skipped", "--no-compile"
-            rows.append(row)
             continue
         try:
             fn = build()
         except (ConvertError, ImportError) as e:
             row.status, row.reason = "not available", str(e)
-            rows.append(row)
             continue
         except Exception as e:  # noqa: BLE001 - a failing engine is reported, not fatal
             row.status, row.reason = "failed", _short(e)
-            rows.append(row)
             continue
         native = engine in (FUSED, FUSED_GRAPHED) and precision != "fp32"
         if engine in (FUSED, FUSED_GRAPHED):  # computes in its parameters' dtype: cast, not autocast
@@ -257,13 +259,20 @@ def bench_convert(config: dict, device, precision: str = "fp32", batch: int = 32
             fn.__self__.to(PRECISIONS[precision])
         if engine == FUSED_GRAPHED:
             fn = GraphedCall(fn, name="fused translate", strict=True)  # a failed capture is a failed row
-        rows.append(_measure(row, runner(fn, autocast=not native), device, warmup, repeats, batch, reference_out))
-        if engine == REFERENCE and row.status == "ok":
-            reference_out = runner(gen.translate)()
+        built.append((row, runner(fn, autocast=not native)))
+    if device.type == "cpu":  # round-robin, so a shared machine's load drifts hit every engine alike
+        _measure_interleaved(built, warmup, repeats, batch)
+    else:  # one engine at a time: each row's peak memory is its own
+        for row, call in built:
+            _measure(row, call, device, warmup, repeats, batch)
+    reference_out = runner(gen.translate)()
+    for row, call in built:
+        if row.status == "ok" and row.engine != REFERENCE:
+            row.max_rel_diff = _rel_diff(call(), reference_out)
     return _speedups(rows)
 
 
-def _measure(row: BenchRow, call, device, warmup, repeats, images, reference_out) -> BenchRow:
+def _measure(row: BenchRow, call, device, warmup, repeats, images, reference_out=None) -> BenchRow:
     try:
         timing = time_callable(call, device, warmup, repeats)
         if reference_out is not None:
@@ -272,6 +281,29 @@ def _measure(row: BenchRow, call, device, warmup, repeats, images, reference_out
         row.status, row.reason = "failed", _short(e)
         return row
     return _fill(row, timing, images)
+
+
+def _measure_interleaved(built: list, warmup: int, repeats: int, images: int) -> None:
+    """CPU timings of several engines, round-robin: every round runs each live engine once, starting
+    with a different one each round. First calls and warm-up calls come before the first round."""
+    timings = {}
+    for row, call in built:
+        try:
+            start = time.perf_counter()
+            call()
+            timings[id(row)] = {"times_ms": [], "first_call_s": time.perf_counter() - start, "peak_mem_mib": None}
+            for _ in range(max(0, warmup - 1)):
+                call()
+        except Exception as e:  # noqa: BLE001 - compile and kernel failures are reported in the table
+            row.status, row.reason = "failed", _short(e)
+    live = [(row, call) for row, call in built if id(row) in timings]
+    for r in range(repeats):
+        for row, call in live[r % len(live):] + live[:r % len(live)]:
+            start = time.perf_counter()
+            call()
+            timings[id(row)]["times_ms"].append((time.perf_counter() - start) * 1e3)
+    for row, _ in live:
+        _fill(row, timings[id(row)], images)
 
 
 # --------------------------------------------------------------------------- bench train

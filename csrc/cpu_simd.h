@@ -17,7 +17,7 @@ inline vec load(const float* p) {
   return v;
 }
 inline void store(float* p, const vec& v) { std::memcpy(p, &v, sizeof v); }
-inline vec splat(float f) { return vec{} + f; }
+inline vec splat(float f) { return f - vec{}; }  // x - 0 is x exactly (also for -0), so this folds to a broadcast
 
 typedef int32_t ivec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 

@@ -42,8 +42,10 @@ def test_transform_matrices_are_exact():
         assert torch.allclose(y, expected, rtol=0, atol=1e-12)
 
 
-CASES = [  # batch, c_in, c_out, height, width: odd sizes, edge tiles, planes smaller than a tile, > 16 tiles a row
+CASES = [  # batch, c_in, c_out, height, width: odd sizes, edge tiles, planes smaller than a tile, > 16 tiles a
+    # row, output channels not a multiple of the GEMM's 8 rows, several 32-tile GEMM column blocks (2x81 tiles)
     (1, 5, 7, 13, 11), (5, 3, 19, 7, 9), (2, 17, 4, 1, 1), (1, 6, 6, 3, 70), (3, 16, 16, 8, 8), (1, 33, 65, 30, 2),
+    (2, 8, 9, 33, 35),
 ]
 
 
