@@ -103,3 +103,13 @@ def test_opcheck_custom_op():
     transformed = winograd.transform_weight(w)
     torch.library.opcheck(torch.ops.council_fast.conv3x3_winograd.default,
                           (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), transformed))
+
+
+def test_weights_made_under_inference_mode():
+    """Inference tensors have no version counter: they are transformed afresh rather than cached."""
+    with torch.inference_mode():
+        x, w, b = _operands(1, 8, 8, 9, 9)
+        first = conv3x3(x, w, b)
+        w.mul_(2.0)
+        _assert_close(conv3x3(x, w, b), conv3x3_reference(x, w, b), 1e-5, "after an in-place update")
+        assert not torch.equal(first, conv3x3(x, w, b))

@@ -97,6 +97,8 @@ _weight_cache: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
 def _cached_transform(weight: torch.Tensor) -> torch.Tensor:
     # Keyed by the weight tensor's identity; its version counter moves on every in-place update
     # (optimizer steps, load_state_dict), which invalidates the entry.
+    if weight.is_inference():  # inference tensors have no version counter: no caching
+        return transform_weight(weight)
     key = id(weight)
     hit = _weight_cache.get(key)
     if hit is not None and hit[0]() is weight and hit[1] == weight._version:
