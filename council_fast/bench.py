@@ -594,7 +594,7 @@ def run(args) -> int:
             raise ConvertError(f"--size {size} must be a multiple of {2 ** config['gen']['n_downsample']}")
     except (ConvertError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2  # could not start: as argparse and every other council-fast command
     threads_before = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -7,7 +7,8 @@ code z ~ N(0, I). Outputs go to --output as ``<name>_m<member>_s<style>.png``, k
 sub-folders of folder inputs. Decoding and resizing run in worker threads ahead of the model and
 PNG encoding behind it. An input's style codes (and, with --member random, its member) depend only
 on --seed and its output name, so a run repeats exactly. An unreadable input is reported by name
-and skipped; the others still convert and the exit status is 2 (1 when nothing could start).
+and skipped; the others still convert and the exit status is 1 (2 when nothing could start: bad
+arguments, config or checkpoint, as for every council-fast command).
 """
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ __all__ = ["ConvertError", "InputItem", "ConversionReport", "Converter", "Loaded
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ENGINE_BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 GRID_NAME = "contact_sheet.png"
-EXIT_FATAL = 1
-EXIT_SOME_FAILED = 2
+EXIT_FATAL = 2  # nothing could start (bad arguments, config, checkpoint, inputs): as argparse, train, parity
+EXIT_SOME_FAILED = 1  # it ran, but some inputs failed
 
 
 class ConvertError(ValueError):

@@ -158,7 +158,7 @@ def test_official_prefix_members(tmp_path, images, ckpt):
 
 def test_unknown_member_is_an_error(tmp_path, images, ckpt, capsys):
     assert run_convert("--config", "tiny", "--checkpoint", ckpt["prefix"], "--input", str(images),
-                       "--output", str(tmp_path / "o"), "--member", "5") == 1
+                       "--output", str(tmp_path / "o"), "--member", "5") == 2
     assert "members 0, 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -181,7 +181,7 @@ def test_full_state_checkpoint_carries_its_config(tmp_path, images, ckpt, cfg):
 
 
 def test_official_checkpoint_without_config_is_a_clear_error(tmp_path, images, ckpt, capsys):
-    assert run_convert("--checkpoint", ckpt["prefix"], "--input", str(images), "--output", str(tmp_path / "o")) == 1
+    assert run_convert("--checkpoint", ckpt["prefix"], "--input", str(images), "--output", str(tmp_path / "o")) == 2
     assert "--config" in capsys.readouterr().err
 
 
@@ -246,7 +246,7 @@ def test_names_are_unique_and_inputs_never_overwritten(tmp_path, ckpt):
     before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
     # An input folder as the output folder is refused (outputs would become inputs on the next run)...
     assert run_convert("--config", "tiny", "--checkpoint", ckpt["member3"], "--input", str(folder),
-                       "--output", str(folder), "--seed", "1") == 1
+                       "--output", str(folder), "--seed", "1") == 2
     assert set(os.listdir(folder)) == set(before)
     # ...but its files may be named one by one: then outputs go beside them and clobber none of them.
     assert run_convert("--config", "tiny", "--checkpoint", ckpt["member3"], "--input", *sorted(
@@ -282,7 +282,7 @@ def test_corrupt_file_among_good_ones(tmp_path, images, ckpt, capsys):
     status = run_convert("--config", "tiny", "--checkpoint", ckpt["member3"], "--input", str(images),
                          str(tmp_path / "missing.png"), "--output", str(out), "--seed", "1")
     captured = capsys.readouterr()
-    assert status == 2
+    assert status == 1
     assert "converted 3 of 7 inputs; 4 failed" in captured.out
     for bad in ("truncated.png", "text.jpg", "empty.bmp", "missing.png"):
         assert bad in captured.out
@@ -294,7 +294,7 @@ def test_no_inputs_is_a_clear_error(tmp_path, ckpt, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert run_convert("--config", "tiny", "--checkpoint", ckpt["member3"], "--input", str(empty),
-                       str(tmp_path / "nothing*.png"), "--output", str(tmp_path / "o")) == 1
+                       str(tmp_path / "nothing*.png"), "--output", str(tmp_path / "o")) == 2
     err = capsys.readouterr().err
     assert "no input images found" in err and "matches no images" in err
     assert not (tmp_path / "o").exists()
@@ -371,7 +371,7 @@ def test_config_that_does_not_fit_fails_before_writing(tmp_path, images, ckpt, c
     config_path.write_text(yaml.safe_dump(wide))
     out = tmp_path / "out"
     assert run_convert("--config", str(config_path), "--checkpoint", ckpt["prefix"], "--input", str(images),
-                       "--output", str(out)) == 1
+                       "--output", str(out)) == 2
     err = capsys.readouterr().err
     # The first keys at fault are named with their shapes, the rest counted, and the likely cause given.
     assert "mis-shaped keys (52)" in err and "enc_style.model.0.conv.weight: expected (16, 3, 7, 7)" in err
@@ -387,7 +387,7 @@ def test_missing_and_unexpected_keys_are_named(tmp_path, images, ckpt, capsys):
     torch.save({"b2a": state}, path)
     out = tmp_path / "out"
     assert run_convert("--config", "tiny", "--checkpoint", str(path), "--input", str(images),
-                       "--output", str(out)) == 1
+                       "--output", str(out)) == 2
     err = capsys.readouterr().err
     assert "mlp.model.0.fc.weight" in err and "extra.weight" in err
     assert not out.exists()
@@ -395,11 +395,11 @@ def test_missing_and_unexpected_keys_are_named(tmp_path, images, ckpt, capsys):
 
 def test_option_errors(tmp_path, images, ckpt, capsys):
     common = ["--config", "tiny", "--checkpoint", ckpt["member3"], "--input", str(images)]
-    assert run_convert(*common, "--output", str(tmp_path / "o"), "--precision", "fp16", "--device", "cpu") == 1
+    assert run_convert(*common, "--output", str(tmp_path / "o"), "--precision", "fp16", "--device", "cpu") == 2
     assert "fp16" in capsys.readouterr().err
-    assert run_convert(*common, "--output", str(tmp_path / "o"), "--size", "30") == 1
+    assert run_convert(*common, "--output", str(tmp_path / "o"), "--size", "30") == 2
     assert "multiple of 4" in capsys.readouterr().err
-    assert run_convert(*common, "--output", str(tmp_path / "o"), "--direction", "a2b") == 1
+    assert run_convert(*common, "--output", str(tmp_path / "o"), "--direction", "a2b") == 2
     assert "a2b" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -407,7 +407,7 @@ def test_option_errors(tmp_path, images, ckpt, capsys):
 def test_explicit_fused_backend_without_fused_engine(tmp_path, images, ckpt, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "council_fast.fast_generator", None)  # import now fails
     assert run_convert("--config", "tiny", "--checkpoint", ckpt["member3"], "--input", str(images),
-                       "--output", str(tmp_path / "o"), "--backend", "cpu") == 1
+                       "--output", str(tmp_path / "o"), "--backend", "cpu") == 2
     assert "fused engine is not available" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     # auto falls back to the reference engine and converts.
@@ -460,7 +460,7 @@ def test_fused_engine_protocol(tmp_path, images, ckpt, fake_fused, capsys):
             assert np.abs(read(out / name) - read(ref / name)).max() <= 1, name
     assert fake_fused.instances == 4  # two members, two runs
     assert run_convert("--config", "tiny", "--checkpoint", ckpt["prefix"], "--input", str(images),
-                       "--output", str(tmp_path / "o"), "--backend", "cuda") == 1
+                       "--output", str(tmp_path / "o"), "--backend", "cuda") == 2
     assert "no GPU" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
