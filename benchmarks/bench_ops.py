@@ -141,3 +141,19 @@ def test_decoder_tail_forward(benchmark, generator, batch, backend):
         raw = torch.nn.Sequential(*list(generator.dec.model)[-3:])(h)
         want, _ = blend_with_masks(raw, images, masks)
     assert torch.allclose(out, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="Winograd convs are the cpu back-end's (cuDNN picks its own)")
+@pytest.mark.parametrize("engine", ["direct", "winograd"])
+def test_residual_conv3x3_forward(benchmark, engine):
+    """The residual blocks' 3x3 conv at 256 channels (the anime config's width)."""
+    winograd = pytest.importorskip("council_fast.ops.winograd")
+    torch.manual_seed(4)
+    low = max(4, SIZE // 4)
+    x = torch.randn(BATCH, 256, low, low)
+    w = torch.randn(256, 256, 3, 3) / 48
+    b = torch.randn(256)
+    conv = winograd.conv3x3 if engine == "winograd" else winograd.conv3x3_reference
+    out = benchmark(lambda: conv(x, w, b))
+    want = winograd.conv3x3_reference(x, w, b)
+    assert (out - want).abs().max() <= 1e-5 * want.abs().max()

@@ -6,7 +6,8 @@ and throws its output away; every other row skips it. On CUDA a ``fused (...)+cu
 replays the fused translation as one CUDA graph (:mod:`council_fast.cuda_graphs`).
 ``bench train``: one full training iteration (D, council-D and G updates) of the reference trainer
 and of the fused engine. ``bench ops``: forward and forward+backward of the generator's fusable ops
-(AdaIN, instance norm, the decoder tail), reference and (where council_fast.ops has them) fused.
+(AdaIN, instance norm, the decoder tail, the Winograd 3x3 conv), reference and (where council_fast.ops
+has them) fused.
 
 Every timing is the median over --repeats runs after --warmup untimed runs (the first of which
 includes any compilation), the device synchronised around each run. On the CPU, ``bench convert``
@@ -39,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .cuda_graphs import GraphedCall
 from .convert import PRECISIONS, ConvertError, autocast_context, check_precision, fast_generator_class, \
@@ -416,7 +418,7 @@ def _import_op(module: str):
         return None, f"council_fast.ops.{module} cannot be imported ({_short(e, 160)})"
 
 
-def _op_cases(config: dict, batch: int, size: int, device: torch.device) -> list[OpCase]:
+def _op_cases(config: dict, batch: int, size: int, device: torch.device, precision: str = "fp32") -> list[OpCase]:
     """The generator's fusable ops at its real shapes for ``size`` x ``size`` inputs."""
     from .reference import networks as N
 
@@ -462,6 +464,16 @@ def _op_cases(config: dict, batch: int, size: int, device: torch.device) -> list
                         lambda h, images: N.blend_with_masks(head(h), images, masks)[0],
                         (tensor(batch, dim, size, size), tensor(batch, 3, size, size)),
                         tail_mod and tail_fused, tail_err))
+    wino_mod, wino_err = _import_op("winograd")
+
+    def winograd_fused(be):
+        if _op_backend(be, device) != "cpu" or precision != "fp32":
+            raise ConvertError("Winograd convs belong to the cpu back-end, in fp32 (on GPUs cuDNN picks its own)")
+        return wino_mod.conv3x3
+    cases.append(OpCase("residual 3x3 conv (Winograd)", lambda x, w, b: F.conv2d(x, w, b, padding=1),
+                        (tensor(batch, deep, low, low), tensor(deep, deep, 3, 3, scale=(9 * deep) ** -0.5),
+                         tensor(deep)),
+                        wino_mod and winograd_fused, wino_err))
     return cases
 
 
@@ -472,7 +484,7 @@ def bench_ops(config: dict, device, precision: str = "fp32", batch: int = 8, siz
     check_precision(precision, device)
     torch.manual_seed(seed)
     rows = []
-    for case in _op_cases(config, batch, size, device):
+    for case in _op_cases(config, batch, size, device, precision):
         outs = {}
         for engine in (REFERENCE, FUSED):
             for kind in ("fwd", "fwd+bwd"):
