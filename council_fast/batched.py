@@ -11,7 +11,11 @@ block ``i`` belongs to member ``i``. In that layout
   as the fused kernels of :mod:`council_fast.ops.adain` (with the following ReLU or the residual
   add of a residual block folded in), on the back-end ``kernel_backend`` names (None: the
   COUNCIL_FAST_BACKEND variable, else the automatic choice of the device);
-- the style MLP is one batched matrix multiply over the member dimension.
+- the style MLP is one batched matrix multiply over the member dimension;
+- the decoder tail (three 1x1 convs, tanh, mask blend) runs per member as the fused op of
+  :mod:`council_fast.ops.decoder_tail` on that member's channel block (no copy).
+
+Tensors of a dtype the kernels lack (float64) take the plain PyTorch path throughout.
 
 The forward passes interpret a reference module tree (built on the ``meta`` device, it holds no
 data) so the stacked networks compute exactly what the reference modules compute, member by
@@ -28,6 +32,7 @@ from torch import nn
 from .ops._backend import resolve_backend
 from .ops.adain import adain as adain_op
 from .ops.adain import instance_norm
+from .ops.decoder_tail import decoder_tail
 from .reference.networks import (AdaINGen, AdaptiveInstanceNorm2d, Conv2dBlock, MsImageDis,
                                  MsImageDisCouncil, ResBlock, ResBlocks, blend_with_masks)
 
@@ -53,6 +58,11 @@ def from_grouped(x: torch.Tensor, n: int) -> torch.Tensor:
 
 def _attr_name(key: str) -> str:
     return key.replace(".", "__")
+
+
+def _relu_residual(y: torch.Tensor, relu: bool, residual: torch.Tensor | None) -> torch.Tensor:
+    y = F.relu(y) if relu else y
+    return y if residual is None else y + residual
 
 
 def _activation(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
@@ -146,22 +156,32 @@ class StackedNetwork(nn.Module):
               relu: bool = False, residual: torch.Tensor | None = None):
         """Instance norm / AdaIN of every plane, then (fused) ReLU and residual add, on the kernel back-end."""
         if norm is None:
-            y = F.relu(x) if relu else x
-            return y if residual is None else y + residual
+            return _relu_residual(x, relu, residual)
         backend = self._backend(x)
         if isinstance(norm, nn.InstanceNorm2d) and not norm.affine and not norm.track_running_stats:
+            if backend == "reference":
+                return _relu_residual(F.instance_norm(x, eps=norm.eps), relu, residual)
             if residual is None:
                 return instance_norm(x, relu=relu, eps=norm.eps, backend=backend)
             ones = torch.ones(x.shape[:2], dtype=torch.float32, device=x.device)
-            return adain_op(x, ones, torch.zeros_like(ones), residual=residual, relu=relu, eps=norm.eps, backend=backend)
+            return adain_op(x, ones, torch.zeros_like(ones), residual=residual, relu=relu, eps=norm.eps,
+                            backend=backend)
         if isinstance(norm, AdaptiveInstanceNorm2d):
             if adain is None or key not in adain:
                 raise RuntimeError(f"{key}: AdaIN parameters were not supplied")
             weight, bias = adain[key]
+            if backend == "reference":
+                b, c = x.shape[:2]
+                y = F.batch_norm(x.reshape(1, b * c, *x.shape[2:]), None, None, weight.reshape(-1),
+                                 bias.reshape(-1), True, 0.0, norm.eps).view_as(x)
+                return _relu_residual(y, relu, residual)
             return adain_op(x, weight, bias, residual=residual, relu=relu, eps=norm.eps, backend=backend)
         raise UnsupportedForFusion(f"{key}: norm {type(norm).__name__} is not supported by the stacked networks")
 
     def _backend(self, x: torch.Tensor) -> str:
+        """The kernel back-end for x; plain PyTorch ("reference") for dtypes the kernels lack (float64)."""
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return "reference"
         return resolve_backend(self.kernel_backend, x.device)
 
     def _conv_block(self, prefix: str, block: Conv2dBlock, x: torch.Tensor, shared: bool, adain: Mapping | None,
@@ -277,8 +297,43 @@ class StackedAdaINGen(StackedNetwork):
     def decode(self, content: torch.Tensor, z: torch.Tensor, images: torch.Tensor,
                return_mask: bool = False):
         adain = self.adain_parameters(self.style_mlp(z))
-        raw, _ = self._run(self.template.dec.model, "dec.model", content, False, adain)
-        return self.blend(raw, images, return_mask)
+        layers = list(self.template.dec.model.named_children())
+        if not self._tail_fusable(layers) or self._backend(content) == "reference":
+            raw, _ = self._run(self.template.dec.model, "dec.model", content, False, adain)
+            return self.blend(raw, images, return_mask)
+        x, shared = content, False
+        for name, child in layers[:-3]:
+            x, shared = self._run(child, f"dec.model.{name}", x, shared, adain)
+        return self._fused_tail([name for name, _ in layers[-3:]], x, images, return_mask)
+
+    @staticmethod
+    def _tail_fusable(layers) -> bool:
+        """The published tail: 1x1 conv + ReLU, 1x1 conv + ReLU, 1x1 conv + tanh, then the mask blend."""
+        tail = [m for _, m in layers[-3:]]
+        acts = (nn.ReLU, nn.ReLU, nn.Tanh)
+        return len(tail) == 3 and all(
+            isinstance(m, Conv2dBlock) and m.norm is None and isinstance(m.activation, a)
+            and m.conv.kernel_size == (1, 1) and m.conv.stride == (1, 1) and m.conv.bias is not None
+            and (m.pad is None or sum(getattr(m.pad, "padding", (0,))) == 0)
+            for m, a in zip(tail, acts))
+
+    def _fused_tail(self, names: list[str], x: torch.Tensor, images: torch.Tensor, return_mask: bool):
+        """Each member's tail as one fused op (:mod:`council_fast.ops.decoder_tail`) on its channel block."""
+        backend = self._backend(x)
+        dim = x.shape[1] // self.n
+        outs, masks = [], []
+        for i in range(self.n):
+            params = []
+            for name in names:
+                weight = self.stacked(f"dec.model.{name}.conv.weight")[i]
+                bias = self.stacked(f"dec.model.{name}.conv.bias")[i]
+                params += [weight.to(x.dtype), bias.to(x.dtype)]  # bf16 under autocast, like the convs
+            out, mask = decoder_tail(x[:, i * dim:(i + 1) * dim], *params, images.to(x.dtype), self.num_masks,
+                                     backend=backend)
+            outs.append(out)
+            masks.append(mask)
+        out = torch.cat(outs, 1)
+        return (out, torch.stack(masks, 1)) if return_mask else out
 
     def blend(self, raw: torch.Tensor, images: torch.Tensor, return_mask: bool = False):
         b, _, h, w = raw.shape

@@ -63,6 +63,23 @@ def test_stacked_generator_equals_members(config):
         _assert_as_exact(masks[:, i], m.dec.mask_s, exact.dec.mask_s)
 
 
+def test_stacked_generator_in_float64_uses_plain_pytorch(config):
+    """The fused kernels are fp32 / bf16 / fp16 only: float64 stacks (used for exactness checks) run the
+    torch ops, equal to the float64 members to float64 rounding."""
+    n = 2
+    members = [AdaINGen(3, config["gen"]).double() for _ in range(n)]
+    for i, m in enumerate(members):
+        _randomise(m, 20 + i)
+    stacked = StackedAdaINGen(3, config["gen"], n).double()
+    stacked.load_members([m.state_dict() for m in members])
+    gen = torch.Generator().manual_seed(8)
+    x = (torch.rand(1, 3, 32, 32, generator=gen) * 2 - 1).double()
+    z = torch.randn(1, config["gen"]["style_dim"], 1, 1, generator=gen).double()
+    out = stacked.translate(x, z)
+    for i, m in enumerate(members):
+        assert _rel(out[:, 3 * i:3 * i + 3], m.translate(x, z)) < 1e-12
+
+
 def _assert_as_exact(fused, reference, exact, slack=1.5, floor=1e-6):
     """fused (fp32) is at most ``slack`` times as far from the float64 result as the fp32 reference is."""
     fused, reference = fused.detach().double(), reference.detach().double()
