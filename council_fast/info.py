@@ -8,7 +8,8 @@ import platform
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--build", action="store_true",
-                        help="also try to JIT-build the C++ extensions (tens of seconds the first time)")
+                        help="also load the C++ extensions, JIT-building them if needed (a minute or two the "
+                             "first time); without it, info only says whether they are built already")
 
 
 def _versions() -> dict:
@@ -36,8 +37,10 @@ def run(args) -> int:
     devices = ["cpu"] + (["cuda"] if gpus else [])
     for device in devices:
         for backend in _backend.BACKENDS:
-            if backend in ("cpu", "cuda") and not args.build:
-                status = "not checked (pass --build to try the JIT build)"
+            if backend in ("cpu", "cuda") and backend == device and not args.build:
+                built = _backend.cached_build(backend)
+                status = (f"built ({built}); loads on first use" if built else
+                          "not built yet: JIT-built on first use (pass --build to build it now)")
             else:
                 reason = _backend._why_unavailable(backend, torch.device(device))
                 status = "available" if reason is None else f"unavailable: {reason}"

@@ -24,7 +24,7 @@ import warnings
 
 import torch
 
-__all__ = ["BACKENDS", "BackendUnavailable", "resolve_backend", "load_extension", "triton_available",
+__all__ = ["BACKENDS", "BackendUnavailable", "resolve_backend", "load_extension", "cached_build", "triton_available",
            "triton_interpreted", "strict_mode", "csrc_dir"]
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
@@ -122,6 +122,15 @@ def _build(kind: str, verbose: bool):
     except ImportError:
         pass
     from torch.utils import cpp_extension
+    name, sources, cflags = _build_spec(kind)
+    kwargs = dict(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp"], verbose=verbose)
+    if kind == "cuda":
+        kwargs["extra_cuda_cflags"] = ["-O3", "--use_fast_math", "-std=c++17"]
+    return cpp_extension.load(**kwargs)
+
+
+def _build_spec(kind: str) -> tuple[str, list[str], list[str]]:
+    """(module name, sources, C++ flags): the name hashes everything the build depends on."""
     sources = _sources(kind)
     digest = hashlib.sha1()
     headers = sorted(glob.glob(os.path.join(csrc_dir(), "*.h")))
@@ -134,11 +143,19 @@ def _build(kind: str, verbose: bool):
         digest.update(_cpu_flags().encode())
     digest.update(torch.__version__.encode())
     digest.update(" ".join(cflags).encode())
-    name = f"council_fast_{kind}_{digest.hexdigest()[:12]}"
-    kwargs = dict(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp"], verbose=verbose)
-    if kind == "cuda":
-        kwargs["extra_cuda_cflags"] = ["-O3", "--use_fast_math", "-std=c++17"]
-    return cpp_extension.load(**kwargs)
+    return f"council_fast_{kind}_{digest.hexdigest()[:12]}", sources, cflags
+
+
+def cached_build(kind: str) -> str | None:
+    """The path of the already built ``kind`` extension for the current sources, or None (nothing is built)."""
+    from torch.utils import cpp_extension
+
+    try:
+        name = _build_spec(kind)[0]
+    except BackendUnavailable:
+        return None
+    path = os.path.join(cpp_extension._get_build_directory(name, verbose=False), f"{name}.so")
+    return path if os.path.isfile(path) else None
 
 
 def _cpu_flags() -> str:

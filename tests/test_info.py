@@ -1,0 +1,24 @@
+"""`council-fast info`: versions and, without building anything, which kernel back-ends can run."""
+from __future__ import annotations
+
+from council_fast.cli import main
+from council_fast.ops import _backend
+
+
+def test_info_reports_the_cached_cpu_build(capsys):
+    _backend.load_extension("cpu")  # built (or loaded from the cache) by now
+    assert _backend.cached_build("cpu") is not None
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in out.splitlines() if ":" in line}
+    assert lines["torch"] and lines["cpu/reference"] == "available"
+    assert lines["cpu/cpu"].startswith("built (") and _backend.cached_build("cpu") in lines["cpu/cpu"]
+    assert lines["cpu/cuda"].startswith("unavailable: the cuda back-end runs on CUDA tensors")
+
+
+def test_cached_build_is_none_for_changed_sources(monkeypatch):
+    """The cache key hashes the sources: other flags name another build, which does not exist."""
+    monkeypatch.setenv("COUNCIL_FAST_NATIVE", "0")
+    monkeypatch.setattr(_backend, "_cpu_flags", lambda: "a CPU no build was made for")
+    monkeypatch.setattr(_backend.torch, "__version__", "0.0.0-never-built")
+    assert _backend.cached_build("cpu") is None
