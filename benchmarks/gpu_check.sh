@@ -12,7 +12,8 @@
 #      fused engine at fp32 and bf16; batch 1 latency, batch 32 and 64 throughput at 256x256;
 #      then `bench ops` (per fused op) for the cuda and triton back-ends
 #   5. `council-fast parity --device cuda` (fused vs reference training iteration) and
-#      `bench train --device cuda` at the official default (128x128, batch 3, council 4)
+#      `bench train --device cuda` at the official default (128x128, batch 3, council 4), then bf16 at batch 32
+#   (bench convert on CUDA includes a "fused+cudagraph" row; the CUDA-graph tests are marked gpu)
 #   6. summary.md: one table of every benchmark row, with card, versions and date
 # The device tool brings back at most 8 files from $OUT: the logs and JSON files are packed into
 # $OUT/gpu_check_logs.tar.gz beside summary.md.
@@ -128,6 +129,9 @@ done
 stage parity_train "$TEST_TIMEOUT" "$PY" -m council_fast parity --device cuda
 stage bench_train_fp32 150 "$PY" -m council_fast bench train --device cuda --config selfie2anime --batch 3 \
   --size 128 --repeats 10 --warmup 3 --json "$OUT/bench_train_fp32.json"
+# throughput (issue: >= 250 training img/s at 128x128, the largest batch that fits), if budget is left
+stage bench_train_bf16_b32 120 "$PY" -m council_fast bench train --device cuda --config selfie2anime --batch 32 \
+  --size 128 --precision bf16 --repeats 5 --warmup 2 --json "$OUT/bench_train_bf16_b32.json"
 
 # 6. summary
 "$PY" - "$OUT" <<'EOF' > "$OUT/summary.md" 2>&1

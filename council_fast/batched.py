@@ -332,8 +332,9 @@ class StackedAdaINGen(StackedNetwork):
                                      backend=backend)
             outs.append(out)
             masks.append(mask)
-        out = torch.cat(outs, 1)
-        return (out, torch.stack(masks, 1)) if return_mask else out
+        # The reference blends in the images' dtype (fp32 under autocast): hand on that dtype too.
+        out = torch.cat(outs, 1).to(images.dtype)
+        return (out, torch.stack(masks, 1).to(images.dtype)) if return_mask else out
 
     def blend(self, raw: torch.Tensor, images: torch.Tensor, return_mask: bool = False):
         b, _, h, w = raw.shape

@@ -318,12 +318,13 @@ class Converter:
 
     ``cuda_graphs`` (default: on for CUDA devices) replays encode and decode as CUDA graphs, one per
     input shape (:mod:`council_fast.cuda_graphs`), wherever no autocast is involved (fp32, or the
-    fused engine at any precision).
+    fused engine at any precision); ``graph_batch`` is the batch size they are captured at (smaller
+    batches replay the same graph).
     """
 
     def __init__(self, generators: Mapping[int, torch.nn.Module] | Sequence[torch.nn.Module],
                  device: torch.device | str = "cpu", precision: str = "fp32", style_dim: int | None = None,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, graph_batch: int | None = None):
         if not isinstance(generators, Mapping):
             generators = dict(enumerate(generators))
         if not generators:
@@ -345,6 +346,7 @@ class Converter:
         if cuda_graphs and self.device.type != "cuda":
             raise ConvertError(f"CUDA graphs need a CUDA device, not {self.device}")
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        self.graph_batch = graph_batch
         self._graphed: dict[tuple, GraphedCall] = {}
 
     def _gen(self, member: int) -> torch.nn.Module:
@@ -369,8 +371,9 @@ class Converter:
             return fn(*tensors)
         key = (member, kind)
         if key not in self._graphed:
-            self._graphed[key] = GraphedCall(fn, name=f"member {member} {kind}")
-        return self._graphed[key](*tensors)
+            self._graphed[key] = GraphedCall(fn, name=f"member {member} {kind}", capacity=self.graph_batch)
+        out = self._graphed[key](*tensors)  # views of the graph's buffers, overwritten by the next replay
+        return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
 
     def encode(self, member: int, x: torch.Tensor):
         """The content code of ``x`` (None when the generator only offers translate())."""
@@ -725,7 +728,7 @@ def run(args) -> int:
               f"{','.join(map(str, model.generators))}, engine {model.engine}, {device}, {args.precision}, "
               f"{size}x{size}, seed {seed}", file=sys.stderr)
     converter = Converter(model.generators, device, args.precision, style_dim=model.config["gen"]["style_dim"],
-                          cuda_graphs=args.cuda_graphs and device.type == "cuda")
+                          cuda_graphs=args.cuda_graphs and device.type == "cuda", graph_batch=args.batch)
     try:
         report = convert_paths(items, converter, args.output, size=size, member_mode=args.member,
                                styles=args.styles, seed=seed, batch=args.batch, workers=args.workers,

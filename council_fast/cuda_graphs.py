@@ -10,7 +10,8 @@ AdaIN, convolutions), they cannot change the real rows; only those are returned.
 
 The returned tensors are views of the graph's static outputs: valid until the next call of the same
 ``GraphedCall`` (copy them, e.g. ``.cpu()``, before calling again). Capture runs under the caller's
-grad mode; call it under ``torch.inference_mode()``. If a capture fails (an op that synchronises
+grad mode; call it under ``torch.inference_mode()``, always (static buffers made in inference mode
+cannot be written outside it). Capture and replay run on the inputs' device, on a side stream. If a capture fails (an op that synchronises
 with the host, say) the call falls back to eager execution with one warning, or raises in strict
 mode (COUNCIL_FAST_STRICT=1).
 """
@@ -40,10 +41,15 @@ class _Captured:
 
 
 class GraphedCall:
-    """``fn(*inputs)`` for CUDA tensors sharing their first (batch) dimension, replayed as CUDA graphs."""
+    """``fn(*inputs)`` for CUDA tensors sharing their first (batch) dimension, replayed as CUDA graphs.
 
-    def __init__(self, fn: Callable, name: str = "call", warmup: int = 2, strict: bool | None = None):
-        self.fn, self.name, self.warmup = fn, name, warmup
+    ``capacity``: the batch size to capture at (default: the first call's); smaller batches replay
+    the same graph, larger ones capture a new one.
+    """
+
+    def __init__(self, fn: Callable, name: str = "call", warmup: int = 2, strict: bool | None = None,
+                 capacity: int | None = None):
+        self.fn, self.name, self.warmup, self.capacity = fn, name, warmup, capacity
         self.strict = strict_mode(strict)
         self.captured: dict[tuple, _Captured] = {}
         self.failed: dict[tuple, str] = {}
@@ -55,36 +61,40 @@ class GraphedCall:
         key = tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in inputs)
         if key in self.failed:
             return self.fn(*inputs)
-        entry = self.captured.get(key)
-        if entry is None or entry.capacity < n:
-            try:
-                entry = self._capture(inputs)
-            except Exception as e:  # noqa: BLE001 - any capture failure means "run eagerly"
-                return self._give_up(key, e, inputs)
-            self.captured[key] = entry
-        for static, t in zip(entry.inputs, inputs):
-            static[:n].copy_(t)
-        entry.graph.replay()
-        return _rows(entry.outputs, n)
+        with torch.cuda.device(inputs[0].device):  # capture and replay on the inputs' device
+            entry = self.captured.get(key)
+            if entry is None or entry.capacity < n:
+                try:
+                    entry = self._capture(inputs, max(n, self.capacity or 0))
+                except Exception as e:  # noqa: BLE001 - any capture failure means "run eagerly"
+                    return self._give_up(key, e, inputs)
+                self.captured[key] = entry
+            for static, t in zip(entry.inputs, inputs):
+                static[:n].copy_(t)
+            entry.graph.replay()
+            return _rows(entry.outputs, n)
 
-    def _capture(self, inputs) -> _Captured:
+    def _capture(self, inputs, capacity: int) -> _Captured:
         n = inputs[0].shape[0]
         static = []
         for t in inputs:
-            buf = torch.empty_like(t, memory_format=torch.contiguous_format)
-            buf.copy_(t)
+            buf = torch.empty((capacity, *t.shape[1:]), dtype=t.dtype, device=t.device)
+            buf[:n].copy_(t)
+            buf[n:].copy_(t[:1].expand(capacity - n, *t.shape[1:]))  # real rows: finite values
             static.append(buf)
-        side = torch.cuda.Stream(device=inputs[0].device)
-        side.wait_stream(torch.cuda.current_stream(inputs[0].device))
-        with torch.cuda.stream(side):  # warm-up: kernel JIT builds, autotuning, cuDNN plans happen here
-            for _ in range(self.warmup):
-                self.fn(*static)
-        torch.cuda.current_stream(inputs[0].device).wait_stream(side)
+        stream = torch.cuda.Stream(device=inputs[0].device)
+        stream.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(stream):  # warm-up: kernel JIT builds, autotuning, cuDNN plans happen here
+                for _ in range(self.warmup):
+                    self.fn(*static)
+        finally:
+            torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=stream):
             outputs = self.fn(*static)
         self.captures += 1
-        return _Captured(graph, n, static, outputs)
+        return _Captured(graph, capacity, static, outputs)
 
     def _give_up(self, key, error: Exception, inputs):
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
@@ -94,7 +104,6 @@ class GraphedCall:
         warnings.warn(f"council-fast: CUDA graph capture of {self.name} failed ({reason}); running it eagerly",
                       RuntimeWarning, stacklevel=3)
         return self.fn(*inputs)
-
 
 def _check_inputs(inputs, name: str) -> None:
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):

@@ -10,8 +10,8 @@ and computes the same function with fewer memory passes:
 * each nearest-upsample + 3x3 conv runs as four 2x2 convs on the small image
   (:mod:`council_fast.ops.upsample_conv`, 2.25x fewer FLOPs, equal to fp32 rounding);
 * on the cpu back-end in fp32, the wide 3x3 convs (the residual blocks') run as Winograd F(4x4, 3x3)
-  (:mod:`council_fast.ops.winograd`, 4x fewer multiply-adds; ~10x the rounding error of a direct
-  convolution, ~2e-6 relative per layer; ``winograd=False`` turns it off);
+  (:mod:`council_fast.ops.winograd`, 4x fewer multiply-adds; ~2e-6 relative error per layer, ~9x
+  a direct convolution's rounding; ``winograd=False`` turns it off);
 * the decoder's 1x1 convs, tanh and mask blending are one per-pixel pass
   (:mod:`council_fast.ops.decoder_tail`);
 * ``translate`` skips the style encoder, whose output a translation never uses.

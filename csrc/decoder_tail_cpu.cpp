@@ -107,10 +107,10 @@ struct Weights {
 
 // Per-block scratch: every activation of the block's forward, [channel][pixel].
 struct Scratch {
-  std::vector<float> x, a1, r1, a2, r2, t;
+  std::vector<float> x, a1, r1, a2, r2, t, masks;
   explicit Scratch(const Weights& w)
       : x(w.D * kBlock), a1(w.D * kBlock), r1(w.D * kBlock), a2(w.D * kBlock), r2(w.D * kBlock),
-        t(w.N * kBlock) {}
+        t(w.N * kBlock), masks(w.M * kBlock) {}
 };
 
 template <typename scalar_t>
@@ -195,7 +195,7 @@ void forward(const at::Tensor& h, const at::Tensor& w1, const at::Tensor& b1, co
         const int64_t b = blk / per_image, p0 = (blk % per_image) * kBlock;
         const int64_t count = std::min(kBlock, HW - p0);
         block_forward(w, hp, hs, b, p0, count, s);
-        float* masks_now = s.a1.data();  // free after block_forward: masks_now[k * kBlock + p]
+        float* masks_now = s.masks.data();  // masks_now[k * kBlock + p]
         const float* logits = s.t.data() + w.O * w.M * kBlock;
         for (int64_t i = 0; i < w.M * kBlock; i += kLanes)
           store(masks_now + i, (council_fast::tanh_vec(10.f * load(logits + i)) + 1.f) * 0.5f);

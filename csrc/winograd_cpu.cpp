@@ -142,7 +142,8 @@ void winograd_output_transform(const at::Tensor& m, const c10::optional<at::Tens
   check_v(m, channels, batch * per_sample, "winograd_output_transform: m");
   const float* bias_p = nullptr;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == channels,
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+                    bias->numel() == channels,
                 "winograd_output_transform: bias must hold C fp32 values");
     bias_p = bias->data_ptr<float>();
   }
@@ -220,6 +221,7 @@ inline void gemm_block(const float* a, const float* b, int64_t b_stride, float* 
 }
 
 void winograd_gemm(const at::Tensor& u, const at::Tensor& v, const at::Tensor& m) {
+  TORCH_CHECK(u.device().is_cpu() && v.device().is_cpu() && m.device().is_cpu(), "winograd_gemm: CPU tensors only");
   TORCH_CHECK(u.scalar_type() == at::kFloat && u.is_contiguous() && u.dim() == 4 && u.size(0) == kPoints &&
                   u.size(3) == kGemmRows,
               "winograd_gemm: u must be a contiguous fp32 (36, rows / 8, C_in, 8) tensor");

@@ -156,3 +156,26 @@ def test_bad_options(tmp_path, capsys):
     assert bench.run(parser.parse_args(["convert", "--config", "tiny", "--device", "cpu",
                                         "--precision", "fp16"])) == 2
     assert "fp16" in capsys.readouterr().err
+
+
+def test_engine_failing_during_the_timed_rounds_and_a_failing_reference(tmp_path, monkeypatch):
+    """Round-robin timing: an engine that fails after its warm-up is reported; when the reference
+    itself fails there is nothing to compare with, and the exit status says so."""
+    from council_fast.reference.networks import AdaINGen
+
+    calls = {"n": 0}
+    real = AdaINGen.translate
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:  # first call and warm-up pass, the timed rounds fail
+            raise RuntimeError("flaky engine")
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(AdaINGen, "translate", flaky)
+    status, report, _ = run_bench(tmp_path, "convert", "--batch", "1", "--size", "16", "--repeats", "2",
+                                  "--warmup", "1", "--no-compile")
+    reference = next(r for r in report["results"] if r["engine"] == "reference")
+    assert reference["status"] == "failed" and "flaky engine" in reference["reason"]
+    assert status == 1
+    others = [r for r in report["results"] if r["engine"] != "reference" and r["status"] == "ok"]
+    assert others and all(r["speedup"] is None and r["max_rel_diff"] is None for r in others)

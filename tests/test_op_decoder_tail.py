@@ -16,7 +16,8 @@ from _backends import device_for, require_backend
 
 FUSED = ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
 # (batch, dim, H, W, output_dim, num_masks, channels_last): odd sizes, dim 19 (no block multiple).
-CASES = [(1, 19, 5, 7, 3, 3, False), (5, 19, 3, 5, 3, 1, True), (2, 16, 7, 3, 1, 3, False)]
+# (batch, dim, H, W, output_dim, num_masks, channels_last); the last: more masks than channels
+CASES = [(1, 19, 5, 7, 3, 3, False), (5, 19, 3, 5, 3, 1, True), (2, 16, 7, 3, 1, 3, False), (1, 2, 5, 7, 3, 5, False)]
 
 
 

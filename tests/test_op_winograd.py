@@ -45,7 +45,7 @@ def test_transform_matrices_are_exact():
 CASES = [  # batch, c_in, c_out, height, width: odd sizes, edge tiles, planes smaller than a tile, > 16 tiles a
     # row, output channels not a multiple of the GEMM's 8 rows, several 32-tile GEMM column blocks (2x81 tiles)
     (1, 5, 7, 13, 11), (5, 3, 19, 7, 9), (2, 17, 4, 1, 1), (1, 6, 6, 3, 70), (3, 16, 16, 8, 8), (1, 33, 65, 30, 2),
-    (2, 8, 9, 33, 35),
+    (2, 8, 9, 33, 35), (5, 4, 3, 13, 15),  # the last: 16 tiles a sample, 40-tile chunks: 2 + 2 + 1 samples
 ]
 
 
@@ -96,6 +96,16 @@ def test_weight_update_invalidates_the_cached_transform():
     with torch.no_grad():
         w.mul_(2.0)
     _assert_close(conv3x3(x, w, b) - b.view(1, -1, 1, 1), 2.0 * (first - b.view(1, -1, 1, 1)), 1e-5, "updated")
+
+
+def test_data_assignment_invalidates_and_clear_cache_covers_in_place_data_writes():
+    x, w, b = _operands(1, 8, 8, 9, 9)
+    conv3x3(x, w, b)
+    w.data = w.data * 3.0  # new storage: seen
+    _assert_close(conv3x3(x, w, b), conv3x3_reference(x, w, b), 1e-5, "after .data =")
+    w.data.mul_(0.5)  # in place through .data: the version counter does not move...
+    winograd.clear_cache()  # ...so the documented remedy is needed
+    _assert_close(conv3x3(x, w, b), conv3x3_reference(x, w, b), 1e-5, "after clear_cache")
 
 
 def test_opcheck_custom_op():

@@ -6,10 +6,12 @@ as ``A^T [(G w G^T) . (B^T d B)] A``: the channel sums become 36 independent GEM
 the fp32 CPU engine gains most: the twenty 256-channel 3x3 convolutions at 64x64 are ~2/3 of a
 256x256 translation, and the direct ones already run at the core's peak.
 
-Interpolation points 0, -1, 1, 1/2, -2 (and infinity): with these the error is ~12x that of the
-direct convolution (~3e-6 relative per 256-channel layer, against ~8e-6 for the common
-0, +-1, +-2), well inside the fp32 tolerance; B^T and A^T hold exact binary fractions, G is
+Interpolation points 0, -1, 1, 1/2, -2 (and infinity): with these the error is ~2e-6 relative
+per 256-channel layer, ~9x a direct convolution's rounding (the common 0, +-1, +-2 give ~8e-6),
+well inside the fp32 tolerance; B^T and A^T hold exact binary fractions, G is
 applied in float64 once per weight.
+
+The transformed weights are cached per weight tensor (see ``clear_cache``).
 
 Back-ends: ``cpu`` (csrc/winograd_cpu.cpp: the transforms and a register-tiled GEMM kernel, ~20%
 faster than MKL's sgemm on the AMD test machine) and the
@@ -27,13 +29,14 @@ import torch.nn.functional as F
 
 from ._backend import load_extension
 
-__all__ = ["conv3x3", "conv3x3_reference", "winograd_applies", "transform_weight", "WINOGRAD_MIN_CHANNELS",
+__all__ = ["conv3x3", "conv3x3_reference", "clear_cache", "winograd_applies", "transform_weight", "WINOGRAD_MIN_CHANNELS",
            "MAX_TILES_PER_CHUNK"]
 
 # Below this many input or output channels the GEMMs are too thin to beat oneDNN's direct convolution.
 WINOGRAD_MIN_CHANNELS = 128
-# Samples are transformed in chunks of at most this many tiles, bounding the transformed buffers
-# (36 x C x tiles floats each: 9.4 MB at 256 channels).
+# Samples are transformed in chunks of at most this many tiles (whole samples: one larger sample is
+# one chunk), bounding the per-thread scratch buffers to 36 x C x tiles floats each (a 64x64 plane is
+# 256 tiles: 9.4 MB at 256 channels; 1024 tiles: 38 MB).
 MAX_TILES_PER_CHUNK = 1024
 # Register tile of the GEMM kernel (csrc/winograd_cpu.cpp): output channels x tiles.
 GEMM_ROWS, GEMM_COLUMNS = 8, 32
@@ -59,8 +62,8 @@ def conv3x3_reference(x, weight, bias=None):
 
 def winograd_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`conv3x3` takes the Winograd path for these operands (else it calls F.conv2d)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.dim() == 4 and weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3)
+    return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and x.dim() == 4 and weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3)
             and weight.shape[1] == x.shape[1] and min(weight.shape[0], weight.shape[1]) >= WINOGRAD_MIN_CHANNELS
             and x.shape[0] > 0 and x.shape[2] > 0 and x.shape[3] > 0)
 
@@ -68,8 +71,9 @@ def winograd_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 weight; Winograd on fp32 CPU tensors with
     at least WINOGRAD_MIN_CHANNELS channels in and out, F.conv2d otherwise."""
-    if not winograd_applies(x, weight):
-        return conv3x3_reference(x, weight, bias)
+    if not winograd_applies(x, weight) or (bias is not None and (bias.device.type != "cpu"
+                                                                   or tuple(bias.shape) != (weight.shape[0],))):
+        return conv3x3_reference(x, weight, bias)  # which also raises the errors of bad operands
     load_extension("cpu")
     transformed = transform_weight(weight) if torch.compiler.is_compiling() else _cached_transform(weight)
     return torch.ops.council_fast.conv3x3_winograd(x.contiguous(), weight, bias, transformed)
@@ -91,23 +95,31 @@ def _round_up(n: int, k: int) -> int:
     return (n + k - 1) // k * k
 
 
-_weight_cache: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+_weight_cache: dict[int, tuple] = {}
 
 
 def _cached_transform(weight: torch.Tensor) -> torch.Tensor:
-    # Keyed by the weight tensor's identity; its version counter moves on every in-place update
-    # (optimizer steps, load_state_dict), which invalidates the entry.
+    # Keyed by the weight tensor's identity and checked against its version counter (which moves on
+    # every in-place update: optimizer steps, load_state_dict) and its storage, dtype and shape (which
+    # change when .data is assigned). Writes through .data in place (w.data.mul_()) move neither:
+    # call clear_cache() after those.
     if weight.is_inference():  # inference tensors have no version counter: no caching
         return transform_weight(weight)
     key = id(weight)
+    stamp = (weight._version, weight.data_ptr(), weight.dtype, tuple(weight.shape), weight.device)
     hit = _weight_cache.get(key)
-    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+    if hit is not None and hit[0]() is weight and hit[1] == stamp:
         return hit[2]
     transformed = transform_weight(weight)
     if hit is None or hit[0]() is not weight:
         weakref.finalize(weight, _weight_cache.pop, key, None)
-    _weight_cache[key] = (weakref.ref(weight), weight._version, transformed)
+    _weight_cache[key] = (weakref.ref(weight), stamp, transformed)
     return transformed
+
+
+def clear_cache() -> None:
+    """Forget every transformed weight (needed only after in-place writes through ``.data``)."""
+    _weight_cache.clear()
 
 
 # ----------------------------------------------------------------------------------------------
