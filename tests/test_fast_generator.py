@@ -276,3 +276,26 @@ def test_optional_paths(options, tiny_config):
     z = torch.randn(2, params["style_dim"], 1, 1)
     with torch.no_grad():
         _assert_close(fast.translate(x, z), ref.translate(x, z), 1e-5, f"translate {options}")
+
+
+def test_anime_width_uses_winograd_by_default(monkeypatch):
+    """The published config's widths (256-channel residual blocks) take the Winograd path with the default
+    thresholds; the translation stays within the fp32 tolerance of the reference."""
+    from council_fast.config import packaged_config
+
+    require_backend("cpu")
+    params = packaged_config("selfie2anime")["gen"]
+    ref = _reference(params).eval()
+    fast = FastGenerator.from_reference(ref, backend="cpu").eval()
+    calls = []
+    real = winograd_mod.conv3x3
+    monkeypatch.setattr(fast_generator_mod, "winograd_conv3x3", lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(1, 3, 64, 64, generator=gen) * 2 - 1
+    z = torch.randn(1, params["style_dim"], 1, 1, generator=gen)
+    with torch.no_grad():
+        out, masks = fast.translate(x, z, return_mask=True)
+        out_ref, masks_ref = ref.translate(x, z, return_mask=True)
+    assert len(calls) == 4 * params["n_res"] + 1  # residual convs of encoder and decoder, the 128-channel conv
+    _assert_close(out, out_ref, 1e-5, "out")
+    _assert_close(masks, masks_ref, 1e-5, "masks")
