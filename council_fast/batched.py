@@ -161,11 +161,7 @@ class StackedNetwork(nn.Module):
         if isinstance(norm, nn.InstanceNorm2d) and not norm.affine and not norm.track_running_stats:
             if backend == "reference":
                 return _relu_residual(F.instance_norm(x, eps=norm.eps), relu, residual)
-            if residual is None:
-                return instance_norm(x, relu=relu, eps=norm.eps, backend=backend)
-            ones = torch.ones(x.shape[:2], dtype=torch.float32, device=x.device)
-            return adain_op(x, ones, torch.zeros_like(ones), residual=residual, relu=relu, eps=norm.eps,
-                            backend=backend)
+            return instance_norm(x, relu=relu, eps=norm.eps, residual=residual, backend=backend)
         if isinstance(norm, AdaptiveInstanceNorm2d):
             if adain is None or key not in adain:
                 raise RuntimeError(f"{key}: AdaIN parameters were not supplied")
@@ -298,13 +294,14 @@ class StackedAdaINGen(StackedNetwork):
                return_mask: bool = False):
         adain = self.adain_parameters(self.style_mlp(z))
         layers = list(self.template.dec.model.named_children())
-        if not self._tail_fusable(layers) or self._backend(content) == "reference":
+        backend = self._backend(content)
+        if not self._tail_fusable(layers) or backend == "reference":
             raw, _ = self._run(self.template.dec.model, "dec.model", content, False, adain)
             return self.blend(raw, images, return_mask)
         x, shared = content, False
         for name, child in layers[:-3]:
             x, shared = self._run(child, f"dec.model.{name}", x, shared, adain)
-        return self._fused_tail([name for name, _ in layers[-3:]], x, images, return_mask)
+        return self._fused_tail([name for name, _ in layers[-3:]], x, images, return_mask, backend)
 
     @staticmethod
     def _tail_fusable(layers) -> bool:
@@ -317,19 +314,19 @@ class StackedAdaINGen(StackedNetwork):
             and (m.pad is None or sum(getattr(m.pad, "padding", (0,))) == 0)
             for m, a in zip(tail, acts))
 
-    def _fused_tail(self, names: list[str], x: torch.Tensor, images: torch.Tensor, return_mask: bool):
+    def _fused_tail(self, names: list[str], x: torch.Tensor, images: torch.Tensor, return_mask: bool,
+                    backend: str):
         """Each member's tail as one fused op (:mod:`council_fast.ops.decoder_tail`) on its channel block."""
-        backend = self._backend(x)
         dim = x.shape[1] // self.n
+        images_x = images.to(x.dtype)  # bf16 under autocast, like the convs
         outs, masks = [], []
         for i in range(self.n):
             params = []
             for name in names:
                 weight = self.stacked(f"dec.model.{name}.conv.weight")[i]
                 bias = self.stacked(f"dec.model.{name}.conv.bias")[i]
-                params += [weight.to(x.dtype), bias.to(x.dtype)]  # bf16 under autocast, like the convs
-            out, mask = decoder_tail(x[:, i * dim:(i + 1) * dim], *params, images.to(x.dtype), self.num_masks,
-                                     backend=backend)
+                params += [weight.to(x.dtype), bias.to(x.dtype)]
+            out, mask = decoder_tail(x[:, i * dim:(i + 1) * dim], *params, images_x, self.num_masks, backend=backend)
             outs.append(out)
             masks.append(mask)
         # The reference blends in the images' dtype (fp32 under autocast): hand on that dtype too.

@@ -193,11 +193,8 @@ class FastGenerator(nn.Module):
 
     def _winograd_applies(self, block: Conv2dBlock, x, backend) -> bool:
         """Zero-padded 3x3 stride-1 convs on the cpu back-end in fp32 run as Winograd F(4x4, 3x3)."""
-        conv = block.conv
-        return (backend == "cpu" and self.winograd is not False and set(block.pad.padding) == {1}
-                and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (0, 0)
-                and conv.dilation == (1, 1) and conv.groups == 1 and not self._use_channels_last(x)
-                and winograd_applies(x, conv.weight))
+        return (backend == "cpu" and self.winograd is not False and _is_plain_padded_3x3(block)
+                and not self._use_channels_last(x) and winograd_applies(x, block.conv.weight))
 
     def _fused_relu(self, block: Conv2dBlock) -> bool:
         return isinstance(block.activation, nn.ReLU)
@@ -209,10 +206,7 @@ class FastGenerator(nn.Module):
 
     def _upsample_conv_applies(self, block) -> bool:
         """Upsample + zero-padded 3x3 conv runs as four 2x2 convs on the small image (2.25x fewer FLOPs)."""
-        conv = block.conv
-        return (self.upsample_conv and isinstance(block.pad, nn.ZeroPad2d) and set(block.pad.padding) == {1}
-                and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (0, 0)
-                and conv.dilation == (1, 1) and conv.groups == 1)
+        return self.upsample_conv and _is_plain_padded_3x3(block)
 
     def _use_channels_last(self, t) -> bool:
         """NHWC activations (CPU only; opt-in). oneDNN convolutions run 10-60% faster in NHWC, but the
@@ -225,11 +219,8 @@ class FastGenerator(nn.Module):
         """Instance norm (weight None) or AdaIN ((B, C) weight / bias), then ReLU, then + residual."""
         if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous() and y.device.type == "cpu":
             return _channels_last_norm(y, weight, bias, relu, residual)
-        if weight is None and residual is None:
-            return instance_norm(y, relu=relu, backend=backend)
         if weight is None:
-            weight = torch.ones(y.shape[:2], dtype=torch.float32, device=y.device)
-            bias = torch.zeros_like(weight)
+            return instance_norm(y, relu=relu, residual=residual, backend=backend)
         return adain(y, weight, bias, residual=residual, relu=relu, backend=backend)
 
     def _conv_block(self, block: Conv2dBlock, x, backend):
@@ -279,6 +270,13 @@ def _channels_last_norm(y, weight, bias, relu, residual, eps=1e-5):
     if residual is not None:
         out = out + residual
     return out
+
+
+def _is_plain_padded_3x3(block: Conv2dBlock) -> bool:
+    """A zero pad of 1 then a 3x3 stride-1 convolution without dilation or groups."""
+    conv = block.conv
+    return (isinstance(block.pad, nn.ZeroPad2d) and set(block.pad.padding) == {1} and conv.kernel_size == (3, 3)
+            and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1)
 
 
 def _pad_type_of(gen: AdaINGen) -> str:

@@ -115,6 +115,20 @@ def test_instance_norm_matches_torch(backend):
     _assert_close(g, g_ref, 1e-4, "instance_norm grad")
 
 
+def test_instance_norm_with_residual(backend):
+    """The encoder's residual blocks: instance norm, then + residual, forward and both gradients."""
+    x, _, _, r, dy = _inputs((2, 19, 7, 9), torch.float32, device_for(backend), residual=True)
+    leaf, res = x.clone().requires_grad_(), r.clone().requires_grad_()
+    y = instance_norm(leaf, residual=res, backend=backend)
+    ref_leaf, ref_res = x.clone().requires_grad_(), r.clone().requires_grad_()
+    y_ref = F.instance_norm(ref_leaf, eps=1e-5) + ref_res
+    _assert_close(y, y_ref.detach(), 1e-5, "instance_norm + residual")
+    g, g_res = torch.autograd.grad(y, (leaf, res), dy)
+    g_ref, g_res_ref = torch.autograd.grad(y_ref, (ref_leaf, ref_res), dy)
+    _assert_close(g, g_ref, 1e-4, "grad x")
+    _assert_close(g_res, g_res_ref, 1e-4, "grad residual")
+
+
 def test_flat_weight_and_channels_last(backend):
     x, w, b, r, _ = _inputs((5, 3, 7, 9), torch.float32, device_for(backend), residual=True)
     expected = adain_reference(x, w, b, r, relu=True)

@@ -57,11 +57,13 @@ def adain_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     return y
 
 
-def instance_norm_reference(x: torch.Tensor, relu: bool = False, eps: float = 1e-5) -> torch.Tensor:
-    """Instance norm without affine or running statistics (the content encoder's norm)."""
+def instance_norm_reference(x: torch.Tensor, relu: bool = False, eps: float = 1e-5,
+                            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Instance norm without affine or running statistics (the content encoder's norm), then ReLU and residual."""
     _check_x(x)
     y = F.instance_norm(x, eps=eps)
-    return F.relu(y) if relu else y
+    y = F.relu(y) if relu else y
+    return y if residual is None else y + residual
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,17 +92,14 @@ def adain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 
 
 def instance_norm(x: torch.Tensor, relu: bool = False, eps: float = 1e-5,
-                  backend: Optional[str] = None) -> torch.Tensor:
-    """Instance norm (no affine), optionally with ReLU: adain with weight 1 and bias 0."""
+                  backend: Optional[str] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Instance norm (no affine), optionally with ReLU and a residual add: adain with weight 1 and bias 0."""
     _check_x(x)
     name = _resolve(backend, x.device.type, x.device.index)
     if name == "reference":
-        return instance_norm_reference(x, relu, eps)
+        return instance_norm_reference(x, relu, eps, residual)
     ones = torch.ones(x.shape[:2], device=x.device, dtype=torch.float32)
-    zeros = torch.zeros(x.shape[:2], device=x.device, dtype=torch.float32)
-    y, _, _ = torch.ops.council_fast.adain_forward(x.contiguous(), ones, zeros, None, bool(relu),
-                                                   float(eps), name)
-    return y
+    return adain(x, ones, torch.zeros_like(ones), residual=residual, relu=relu, eps=eps, backend=name)
 
 
 @torch.compiler.assume_constant_result
