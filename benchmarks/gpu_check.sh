@@ -13,7 +13,8 @@
 #      then `bench ops` (per fused op) for the cuda and triton back-ends
 #   5. `council-fast parity --device cuda` (fused vs reference training iteration) and
 #      `bench train --device cuda` at the official default (128x128, batch 3, council 4), then bf16 at batch 32
-#   (bench convert on CUDA includes a "fused+cudagraph" row; the CUDA-graph tests are marked gpu)
+#   (bench convert and bench train on CUDA include a "fused+cudagraph" row; the CUDA-graph tests of
+#   conversion and of the training step are marked gpu)
 #   6. summary.md: one table of every benchmark row, with card, versions and date
 # The device tool brings back at most 8 files from $OUT: the logs and JSON files are packed into
 # $OUT/gpu_check_logs.tar.gz beside summary.md.
@@ -142,8 +143,8 @@ print("# council-fast GPU check\n")
 print("```\n" + env + "\n```\n")
 print("## Stages\n\n```\n" + open(os.path.join(out, "stages.txt")).read().strip() + "\n```\n")
 print("## benchmarks (bench convert at 256x256, bench ops; median ms per call)\n")
-print("| run | what | precision | batch | engine | status | median ms | img/s | speedup vs eager | max rel diff | peak MiB |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+print("| run | what | precision | batch | engine | status | median ms | img/s | speedup vs eager | max rel diff | peak MiB | launches |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for path in sorted(glob.glob(os.path.join(out, "bench_*.json"))):
     report = json.load(open(path))
     s = report["settings"]
@@ -153,7 +154,7 @@ for path in sorted(glob.glob(os.path.join(out, "bench_*.json"))):
         status = r["status"] + (f" ({r['reason'][:80]})" if r.get("reason") and r["status"] != "ok" else "")
         print(f"| {os.path.basename(path)[6:-5]} | {r['name']} | {s['precision']} | {s['batch']} | {r['engine']} | {status} | "
               f"{f(r['median_ms'], '.3f')} | {f(r['img_per_s'], '.0f')} | {f(r['speedup'], '.2f')} | "
-              f"{f(r['max_rel_diff'], '.2e')} | {f(r['peak_mem_mib'], '.0f')} |")
+              f"{f(r['max_rel_diff'], '.2e')} | {f(r['peak_mem_mib'], '.0f')} | {f(r.get('launches'), 'd')} |")
 EOF
 cat "$OUT/summary.md"
 cp "$OUT/summary.md" "$FINAL_OUT/summary.md"

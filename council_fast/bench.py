@@ -77,6 +77,8 @@ class BenchRow:
     peak_mem_mib: float | None = None
     first_call_s: float | None = None
     max_rel_diff: float | None = None
+    launches: int | None = None  # per call: CUDA kernel/copy/graph launches, or dispatched ops on the CPU
+    launch_unit: str | None = None
 
 
 # --------------------------------------------------------------------------- measuring
@@ -108,6 +110,53 @@ def time_callable(fn: Callable[[], object], device: torch.device, warmup: int, r
         times.append((time.perf_counter() - start) * 1e3)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
     return {"times_ms": times, "first_call_s": first, "peak_mem_mib": peak}
+
+
+_LAUNCH_CALLS = ("cudaLaunch", "cuLaunch", "cudaGraphLaunch", "cuGraphLaunch", "cudaMemcpy", "cudaMemset")
+
+
+class _OpCounter:
+    """Counts the aten and custom ops dispatched while active (the CPU's stand-in for kernel launches)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.namespace != "profiler":
+                    counter.ops += 1
+                return func(*args, **(kwargs or {}))
+
+        self.ops, self._mode = 0, Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
+def count_launches(fn: Callable[[], object], device: torch.device) -> tuple[int, str]:
+    """``(count, unit)`` for one call of ``fn``: on CUDA the kernel, copy and graph launches the
+    profiler sees (a replayed CUDA graph counts once); on the CPU the ops dispatched."""
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize(device)
+        return sum(e.count for e in prof.key_averages() if e.key.startswith(_LAUNCH_CALLS)), "launches"
+    with _OpCounter() as counter:
+        fn()
+    return counter.ops, "ops"
+
+
+def _add_launches(row: BenchRow, call, device: torch.device) -> None:
+    try:
+        row.launches, row.launch_unit = count_launches(call, device)
+    except Exception:  # noqa: BLE001 - a profiler problem leaves the column empty, the timing stands
+        row.launches = row.launch_unit = None
 
 
 def _fill(row: BenchRow, timing: dict, images_per_call: int) -> BenchRow:
@@ -295,6 +344,7 @@ def _measure(row: BenchRow, call, device, warmup, repeats, images, reference_out
     except Exception as e:  # noqa: BLE001 - compile and kernel failures are reported in the table
         row.status, row.reason = "failed", _short(e)
         return row
+    _add_launches(row, call, torch.device(device))
     return _fill(row, timing, images)
 
 
@@ -323,8 +373,9 @@ def _measure_interleaved(built: list, warmup: int, repeats: int, images: int) ->
             except Exception as e:  # noqa: BLE001 - reported in the table
                 row.status, row.reason = "failed", _short(e)
         live = [(row, call) for row, call in live if row.status == "ok"]
-    for row, _ in live:
+    for row, call in live:
         _fill(row, timings[id(row)], images)
+        _add_launches(row, call, torch.device("cpu"))
 
 
 # --------------------------------------------------------------------------- bench train
@@ -357,18 +408,20 @@ def _trainer_step(engine: str, config: dict, device: torch.device, batch: int, s
     """A callable running one training iteration of ``engine``; ImportError when it does not exist.
 
     A trainer that takes a ``precision`` argument handles it itself (fp32 master weights);
-    otherwise its step runs under autocast.
+    otherwise its step runs under autocast. FUSED_GRAPHED: the fused engine with CUDA graphs (strict:
+    a failed capture fails the row instead of timing the eager fallback).
     """
     import inspect
 
-    cls = _trainer_class(engine)
+    cls = _trainer_class(REFERENCE if engine == REFERENCE else FUSED)
     config = dict(config)
     config["batch_size"] = batch
     config["crop_image_height"] = config["crop_image_width"] = size
+    extra = {"cuda_graphs": True, "strict": True} if engine == FUSED_GRAPHED else {}
     if "precision" in inspect.signature(cls).parameters:
-        trainer, outer = cls(config, device=device, seed=seed, precision=precision), "fp32"
+        trainer, outer = cls(config, device=device, seed=seed, precision=precision, **extra), "fp32"
     else:
-        trainer, outer = cls(config, device=device, seed=seed), precision
+        trainer, outer = cls(config, device=device, seed=seed, **extra), precision
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x_a = (torch.rand(batch, config["input_dim_a"], size, size, generator=gen) * 2 - 1).to(device)
     x_b = (torch.rand(batch, config["input_dim_b"], size, size, generator=gen) * 2 - 1).to(device)
@@ -390,7 +443,8 @@ def bench_train(config: dict, device, precision: str = "fp32", batch: int | None
     size = size or config["crop_image_height"]
     name = f"train iter {batch}x{size} council {config['council']['council_size']}"
     rows = []
-    for engine in (REFERENCE, FUSED):
+    engines = (REFERENCE, FUSED, FUSED_GRAPHED) if device.type == "cuda" else (REFERENCE, FUSED)
+    for engine in engines:
         row = BenchRow(name, engine)
         try:
             step = _trainer_step(engine, config, device, batch, size, seed, precision)
@@ -402,7 +456,9 @@ def bench_train(config: dict, device, precision: str = "fp32", batch: int | None
             row.status, row.reason = "failed", _short(e)
             rows.append(row)
             continue
-        rows.append(_measure(row, step, device, warmup, repeats, batch, None))
+        # the graphed engine captures after two eager iterations: keep those out of the timed runs
+        rows.append(_measure(row, step, device, max(warmup, 3) if engine == FUSED_GRAPHED else warmup, repeats,
+                             batch, None))
         del step  # free this engine's networks and optimizer states before measuring the next
         _release_memory(device)
     return _speedups(rows)
@@ -557,7 +613,7 @@ def _op_call(fn, inputs, kind, device, precision):
 def format_table(rows: list[BenchRow]) -> str:
     """The results as an aligned text table; reasons are numbered notes below it."""
     header = ("benchmark", "engine", "status", "median ms", "img/s", "speedup", "peak MiB", "1st call s",
-              "max rel diff")
+              "max rel diff", "launches")
     lines, notes = [header], {}
 
     def num(v, fmt, suffix=""):
@@ -569,11 +625,14 @@ def format_table(rows: list[BenchRow]) -> str:
             status += f" [{number}]"
         lines.append((r.name, r.engine, status, num(r.median_ms, ".4g"), num(r.img_per_s, ".4g"),
                       num(r.speedup, ".2f", "x"), num(r.peak_mem_mib, ".0f"), num(r.first_call_s, ".2f"),
-                      num(r.max_rel_diff, ".2e")))
+                      num(r.max_rel_diff, ".2e"), num(r.launches, "d", " ops" if r.launch_unit == "ops" else "")))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     text = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(text + [f"[{n}] {reason}" for reason, n in notes.items()])
+    footer = [f"[{n}] {reason}" for reason, n in notes.items()]
+    if any(r.launch_unit == "ops" for r in rows):
+        footer.append("launches: per call; on the CPU the aten and custom ops dispatched (\"ops\")")
+    return "\n".join(text + footer)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

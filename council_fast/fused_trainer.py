@@ -23,6 +23,7 @@ import copy
 import random
 import re
 import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from .batched import (StackedAdaINGen, StackedMsImageDis, StackedMsImageDisCounc
 from .reference import AdaINGen
 from .trainer import CouncilTrainer, _numpy_rng, _python_rng
 
-__all__ = ["FusedCouncilTrainer", "PRECISIONS", "unfused_switches", "DataParallelHooks"]
+__all__ = ["FusedCouncilTrainer", "PRECISIONS", "unfused_switches", "DataParallelHooks", "IterationDraws"]
 
 PRECISIONS = ("fp32", "bf16")
 _OPTIMIZER_FLAGS = ("foreach", "fused", "capturable", "differentiable")
@@ -74,15 +75,58 @@ class DataParallelHooks:
         return None
 
 
+@dataclass
+class IterationDraws:
+    """The random inputs of one iteration: the z of each update and the council partners.
+
+    Drawn on the host side before any update runs, in the reference engine's order (the draws depend
+    only on the noise generator and the pair chooser, not on the updates), so the updates themselves
+    never draw: that is what lets a CUDA graph replay them with these as static inputs.
+    """
+    dis: dict[str, torch.Tensor]
+    gen: dict[str, torch.Tensor]
+    council: dict[str, torch.Tensor] = field(default_factory=dict)  # empty: no council-D update
+    pairs: torch.Tensor | None = None  # (K, N) partner indices on the device
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        named = {f"{stage}/{d}": z for stage in ("dis", "council", "gen") for d, z in getattr(self, stage).items()}
+        if self.pairs is not None:
+            named["pairs"] = self.pairs
+        return named
+
+    def map(self, fn) -> "IterationDraws":
+        """The same draws with ``fn`` applied to every tensor (``torch.clone``: static buffers)."""
+        return IterationDraws({d: fn(z) for d, z in self.dis.items()}, {d: fn(z) for d, z in self.gen.items()},
+                              {d: fn(z) for d, z in self.council.items()},
+                              None if self.pairs is None else fn(self.pairs))
+
+    def copy_from(self, other: "IterationDraws") -> None:
+        mine, theirs = self.tensors(), other.tensors()
+        if mine.keys() != theirs.keys():
+            raise ValueError(f"iteration draws differ: {sorted(mine)} vs {sorted(theirs)}")
+        for name, t in mine.items():
+            t.copy_(theirs[name], non_blocking=True)
+
+
 class FusedCouncilTrainer(CouncilTrainer):
     """Same interface and iteration as CouncilTrainer; the council batched (see the module doc)."""
 
     engine = "fused"
 
     def __init__(self, config: dict, device: str | torch.device = "cpu", seed: int | None = None,
-                 precision: str = "fp32", hooks: DataParallelHooks | None = None):
+                 precision: str = "fp32", hooks: DataParallelHooks | None = None, cuda_graphs: bool = False,
+                 graph_capturer=None, strict: bool | None = None):
+        """``cuda_graphs``: replay each iteration as a CUDA graph (:mod:`council_fast.train_graphs`; one
+        process only). ``graph_capturer`` replaces the CUDA-graph capturer (tests emulate it on the CPU)."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.cuda_graphs = bool(cuda_graphs)
+        if self.cuda_graphs:
+            if hooks is not None and hooks.world != 1:
+                raise NotImplementedError("CUDA graphs of the training step run in one process only (the gradient "
+                                          "all-reduce is not captured); drop --cuda-graphs under torchrun")
+            if torch.device(device).type != "cuda" and graph_capturer is None:
+                raise ValueError(f"CUDA graphs need a CUDA device, got {device!r}")
         # The reference constructor draws the initial weights, seeds the noise generator and the pair
         # chooser, and makes the display codes: identical to the reference engine by construction.
         super().__init__(config, device, seed)
@@ -95,6 +139,7 @@ class FusedCouncilTrainer(CouncilTrainer):
             except UnsupportedForFusion as e:
                 reasons = [str(e)]
         self.fallback = reasons
+        self.graphs = None
         if reasons:
             if self.hooks.world != 1:
                 raise NotImplementedError("data-parallel training needs the fused step; this config falls back to "
@@ -108,6 +153,9 @@ class FusedCouncilTrainer(CouncilTrainer):
         self.nets = None  # the per-member networks live on only as the stacked ones
         self.optimizers = None
         self.schedulers = None
+        if self.cuda_graphs:
+            from .train_graphs import GraphedTrainStep
+            self.graphs = GraphedTrainStep(self, capturer=graph_capturer, strict=strict)
 
     # ------------------------------------------------------------------ construction
 
@@ -137,15 +185,16 @@ class FusedCouncilTrainer(CouncilTrainer):
                                   for h in ("gan", "council")} for d in self.directions}
 
     def _adam_flags(self) -> dict:
-        if self.device.type == "cuda":
-            return {"fused": True}
-        return {"foreach": True}
+        flags = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+        if self.cuda_graphs:  # step counts and bias corrections on the device, lr may be a tensor
+            flags["capturable"] = True
+        return flags
 
     # ------------------------------------------------------------------ helpers
 
     def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.precision == "bf16":  # no cast cache under graphs: its tensors would outlive the capture
+            return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not self.cuda_graphs)
         return contextlib.nullcontext()
 
     def _randn(self, batch: int) -> torch.Tensor:
@@ -176,18 +225,56 @@ class FusedCouncilTrainer(CouncilTrainer):
             return index.pin_memory().to(self.device, non_blocking=True)
         return index.to(self.device)
 
-    # ------------------------------------------------------------------ the three updates
+    # ------------------------------------------------------------------ random inputs (reference order)
 
-    def dis_update(self, x_a: torch.Tensor, x_b: torch.Tensor) -> dict:
-        if self.fallback:
-            return super().dis_update(x_a, x_b)
-        c = self.config
-        self.stacked_optimizers["dis"].zero_grad(set_to_none=True)
+    def _dis_noise(self, x_a: torch.Tensor, x_b: torch.Tensor) -> dict:
         noise = {}
         if "a2b" in self.directions:
             noise["a2b"] = self._randn(x_b.size(0))
         if "b2a" in self.directions:
             noise["b2a"] = self._randn(x_a.size(0))
+        return noise
+
+    def _council_noise(self, x_a: torch.Tensor, x_b: torch.Tensor) -> dict:
+        return {d: self._randn((x_a if d == "b2a" else x_b).size(0))
+                for d in ("b2a", "a2b") if d in self.directions}  # official draw order
+
+    def _gen_noise(self, x_a: torch.Tensor, x_b: torch.Tensor) -> dict:
+        return {"b2a": self._randn(x_a.size(0)), "a2b": self._randn(x_b.size(0))}  # official: both drawn
+
+    def draw_iteration(self, x_a: torch.Tensor, x_b: torch.Tensor) -> IterationDraws:
+        """Every random input of the next :meth:`step`, drawn as that step would draw them."""
+        draws = IterationDraws(dis=self._dis_noise(x_a, x_b), gen={})
+        if self.council_dis_active():
+            draws.council = self._council_noise(x_a, x_b)
+            draws.pairs = self._pair_index(self._council_pairs())
+        draws.gen = self._gen_noise(x_a, x_b)
+        return draws
+
+    def run_updates(self, x_a: torch.Tensor, x_b: torch.Tensor, draws: IterationDraws) -> dict:
+        """The D, council-D and G updates of one iteration with the given random inputs."""
+        losses = self.dis_update(x_a, x_b, noise=draws.dis)
+        if draws.pairs is not None:
+            losses.update(self.dis_council_update(x_a, x_b, noise=draws.council, index=draws.pairs))
+        losses.update(self.gen_update(x_a, x_b, noise=draws.gen))
+        return losses
+
+    def _iteration(self, x_a: torch.Tensor, x_b: torch.Tensor) -> dict:
+        if self.fallback:
+            return super()._iteration(x_a, x_b)
+        if self.graphs is not None:
+            return self.graphs.run(x_a, x_b)
+        return self.run_updates(x_a, x_b, self.draw_iteration(x_a, x_b))
+
+    # ------------------------------------------------------------------ the three updates
+
+    def dis_update(self, x_a: torch.Tensor, x_b: torch.Tensor, noise: dict | None = None) -> dict:
+        if self.fallback:
+            return super().dis_update(x_a, x_b)
+        c = self.config
+        self.stacked_optimizers["dis"].zero_grad(set_to_none=True)
+        if noise is None:
+            noise = self._dis_noise(x_a, x_b)
         losses, total = {}, 0
         for d in self.directions:
             src, real = self._source(d, x_a, x_b), self._target(d, x_a, x_b)
@@ -221,18 +308,18 @@ class FusedCouncilTrainer(CouncilTrainer):
             pairs.append(chosen)
         return pairs
 
-    def dis_council_update(self, x_a: torch.Tensor, x_b: torch.Tensor) -> dict:
+    def dis_council_update(self, x_a: torch.Tensor, x_b: torch.Tensor, noise: dict | None = None,
+                           index: torch.Tensor | None = None) -> dict:
         if self.fallback:
             return super().dis_council_update(x_a, x_b)
-        if not self.council_dis_active():
-            return {}
+        if noise is None or index is None:  # drawn here when the caller did not draw them (reference order)
+            if not self.council_dis_active():
+                return {}
+            noise = self._council_noise(x_a, x_b)
+            index = self._pair_index(self._council_pairs())
         c, council = self.config, self.config["council"]
         self.stacked_optimizers["dis_council"].zero_grad(set_to_none=True)
         less_by = council["discriminetro_less_style_by"]
-        noise = {}
-        for d in ("b2a", "a2b"):  # official draw order
-            if d in self.directions:
-                noise[d] = self._randn((x_a if d == "b2a" else x_b).size(0))
         outputs, compare = {}, {}
         with torch.no_grad(), self._autocast():
             for d in self.directions:
@@ -244,8 +331,6 @@ class FusedCouncilTrainer(CouncilTrainer):
                     outputs[d], compare[d] = both.chunk(2)
                 else:
                     outputs[d] = compare[d] = gen.decode(content, noise[d], src)
-        pairs = self._council_pairs()
-        index = self._pair_index(pairs)  # (K, N)
         rel = council["numberOfCouncil_dis_relative_iteration"]
         losses, total = {}, 0
         for d in self.directions:
@@ -274,12 +359,13 @@ class FusedCouncilTrainer(CouncilTrainer):
             total = total + lsgan_dis_loss_per_member([o[:b] for o in outs], real_outs)
         return total
 
-    def gen_update(self, x_a: torch.Tensor, x_b: torch.Tensor) -> dict:
+    def gen_update(self, x_a: torch.Tensor, x_b: torch.Tensor, noise: dict | None = None) -> dict:
         if self.fallback:
             return super().gen_update(x_a, x_b)
         c = self.config
         self.stacked_optimizers["gen"].zero_grad(set_to_none=True)
-        noise = {"b2a": self._randn(x_a.size(0)), "a2b": self._randn(x_b.size(0))}  # official: both drawn
+        if noise is None:
+            noise = self._gen_noise(x_a, x_b)
         council_on = self.council_gen_active() and self.do_dis_council
         losses, total = {}, 0
         for d in self.directions:
@@ -392,6 +478,8 @@ class FusedCouncilTrainer(CouncilTrainer):
     def load_state_dict(self, state: dict, source: str = "<state>") -> None:
         if self.fallback:
             return super().load_state_dict(state, source)
+        if self.graphs is not None:  # the optimizer states are about to be new tensors
+            self.graphs.reset()
         for d, kind, saved in self._saved_networks(state, source):
             try:
                 self.stacked[d][kind].load_members(saved, f"{source} [{d} {kind}]")

@@ -407,15 +407,18 @@ class CouncilTrainer:
 
     def step(self, x_a: torch.Tensor, x_b: torch.Tensor, update_lr: bool = True, as_floats: bool = False) -> dict:
         """One full iteration: D, council-D, G updates; then the iteration count and the LR schedule."""
-        x_a, x_b = x_a.to(self.device), x_b.to(self.device)
-        losses = self.dis_update(x_a, x_b)
-        losses.update(self.dis_council_update(x_a, x_b))
-        losses.update(self.gen_update(x_a, x_b))
+        losses = self._iteration(x_a.to(self.device), x_b.to(self.device))
         self.iteration += 1
         if update_lr:
             self.update_learning_rate()
         if as_floats:
             losses = {k: float(v) for k, v in losses.items()}
+        return losses
+
+    def _iteration(self, x_a: torch.Tensor, x_b: torch.Tensor) -> dict:
+        losses = self.dis_update(x_a, x_b)
+        losses.update(self.dis_council_update(x_a, x_b))
+        losses.update(self.gen_update(x_a, x_b))
         return losses
 
     # ------------------------------------------------------------------ sampling
@@ -541,6 +544,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "network (same step, same checkpoints). Default: %(default)s")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="fused engine only: bf16 autocast with fp32 master weights. Default: %(default)s")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="fused engine on a GPU, one process: replay each iteration as a CUDA graph (the "
+                             "first two of each kind, before and after council_start_at_iter, run eagerly)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--seed", type=int, help="random seed (default: the config's random_seed)")
 
@@ -608,6 +614,8 @@ def _train(args) -> int:
     from . import distributed as dp
     if args.precision != "fp32" and args.engine != "fused":
         return _fail("--precision bf16 needs --engine fused (the reference engine runs fp32)")
+    if args.cuda_graphs and args.engine != "fused":
+        return _fail("--cuda-graphs needs --engine fused")
     if args.device == "cuda" and not torch.cuda.is_available():
         return _fail("--device cuda: no CUDA device is available")
     if dp.launched_by_torchrun() and args.engine != "fused":
@@ -643,7 +651,13 @@ def _train_on(args, ctx) -> int:
     loader = TrainPairLoader(config["data_root"], dict(config, batch_size=config["batch_size"] * world), seed)
     if args.engine == "fused":
         from .fused_trainer import FusedCouncilTrainer
-        trainer = FusedCouncilTrainer(config, device, seed=seed, precision=args.precision, hooks=hooks)
+        try:
+            trainer = FusedCouncilTrainer(config, device, seed=seed, precision=args.precision, hooks=hooks,
+                                          cuda_graphs=args.cuda_graphs)
+        except (ValueError, NotImplementedError) as e:
+            if not args.cuda_graphs:
+                raise
+            return _fail(f"--cuda-graphs: {e}")
     else:
         trainer = CouncilTrainer(config, device, seed=seed)
     if state is not None:

@@ -13,7 +13,7 @@ from council_fast import bench
 
 # Written out here (not taken from bench.py) so a field dropped there is caught.
 RESULT_FIELDS = {"name", "engine", "status", "reason", "median_ms", "min_ms", "mean_ms", "times_ms", "img_per_s",
-                 "speedup", "peak_mem_mib", "first_call_s", "max_rel_diff"}
+                 "speedup", "peak_mem_mib", "first_call_s", "max_rel_diff", "launches", "launch_unit"}
 ENV_FIELDS = {"date", "council_fast", "python", "torch", "triton", "cuda", "device", "device_name", "cpu_model",
               "cpu_threads", "cpu_count", "platform", "load_average"}
 SETTINGS_FIELDS = {"config", "device", "precision", "batch", "size", "repeats", "warmup", "compile", "backend"}
@@ -48,6 +48,7 @@ def check_report(report: dict, what: str, batch: int, size: int) -> None:
             assert row["img_per_s"] == pytest.approx(batch / (row["median_ms"] / 1e3), rel=1e-6)
             assert row["first_call_s"] > 0 and row["speedup"] > 0
             assert row["peak_mem_mib"] is None  # CPU: no device memory counter
+            assert row["launches"] > 0 and row["launch_unit"] == "ops"  # ops dispatched per call
         else:
             assert row["reason"], row
 
@@ -126,7 +127,9 @@ def test_bench_train_json(tmp_path, micro_config):
     rows = {r["engine"]: r for r in report["results"]}
     assert rows["reference"]["status"] == "ok", rows["reference"]["reason"]
     assert rows["reference"]["name"] == "train iter 1x16 council 2"
-    assert "fused" in rows
+    assert rows["fused"]["status"] == "ok", rows["fused"]["reason"]
+    # the council batched: far fewer ops per iteration than member by member
+    assert rows["fused"]["launches"] < rows["reference"]["launches"] / 1.5
 
 
 def test_bench_ops_reference_backend(tmp_path):

@@ -1,0 +1,246 @@
+"""Graph capture of the fused training iteration (council_fast.train_graphs).
+
+On the CPU the CUDA graph is emulated (tests/_graph_emulator.py: the captured ops are recorded with
+their tensors and replayed on them, host reads inside the capture raise), so what a graph gets wrong
+shows up here too: a value baked in at capture that should change (learning rate, z, council
+partners, images, Adam's step count), a host synchronisation, a stale optimizer state after a load.
+The same comparisons run with real CUDA graphs on a GPU (marked gpu).
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+import warnings
+
+import pytest
+import torch
+
+from _graph_emulator import HostReadDuringCapture, RecordingCapturer
+from council_fast.config import packaged_config
+from council_fast.cuda_graphs import CudaGraphError
+from council_fast.fused_trainer import DataParallelHooks, FusedCouncilTrainer
+from council_fast.parity import dead_parameter_keys, synthetic_batch
+
+SIZE = 32
+COUNCIL_START = 5  # iterations 0-1 warm up, 2 is captured, 3-4 replay; 5-6 warm up, 7 captured, 8-9 replay
+ITERATIONS = 10
+
+
+@pytest.fixture
+def config():
+    c = packaged_config("tiny")
+    c["council"]["council_start_at_iter"] = COUNCIL_START
+    c["step_size"] = 1  # the learning rate changes every iteration: a baked-in lr cannot pass
+    return c
+
+
+@pytest.fixture
+def capturable_adam_on_cpu(monkeypatch):
+    """torch allows capturable Adam on accelerators only; its capturable path is plain tensor code."""
+    adam_module = importlib.import_module("torch.optim.adam")  # torch.optim.adam is also a function's name
+    supported = adam_module._get_capturable_supported_devices
+    monkeypatch.setattr(adam_module, "_get_capturable_supported_devices",
+                        lambda supports_xla=True: [*supported(supports_xla), "cpu"])
+
+
+def _batches(config, device, n=ITERATIONS):
+    return [synthetic_batch(config, 2, SIZE, 50 + i, device) for i in range(n)]
+
+
+class _RefusingCapturer(RecordingCapturer):
+    """Refuses every capture: the trainer then runs each iteration eagerly (after one warning)."""
+
+    def capture(self, fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def _eager_twin(config, device="cpu", seed=3, precision="fp32") -> FusedCouncilTrainer:
+    """The graphed engine's exact eager counterpart: the same capturable Adam, no capture."""
+    return FusedCouncilTrainer(config, device, seed=seed, precision=precision, cuda_graphs=True,
+                               graph_capturer=_RefusingCapturer(), strict=False)
+
+
+def _assert_updates_close(got: dict, expected: dict, start: dict, dead: set[str], tol: float) -> None:
+    """Per tensor, norm-wise: the difference within ``tol`` of the update plus fp32 storage rounding.
+
+    For comparisons with the plain eager engine, whose Adam computes its bias corrections in float64 on
+    the host (capturable Adam: on the device). Gradients at the rounding floor (the normalised-away
+    generator biases, skipped) turn such differences into steps anywhere in [-lr, lr].
+    """
+    for d in expected:
+        for kind in expected[d]:
+            for i, (g, e) in enumerate(zip(got[d][kind], expected[d][kind])):
+                for k, t in e.items():
+                    if not t.is_floating_point() or (kind == "gen" and k in dead):
+                        continue
+                    update = (t - start[d][kind][i][k]).norm().item()
+                    err = (g[k] - t).norm().item()
+                    assert err <= tol * update + 2e-7 * t.norm().item(), (d, kind, i, k, err, update)
+
+
+def _assert_identical(got: dict, expected: dict) -> None:
+    for d in expected:
+        for kind in expected[d]:
+            for i, (g, e) in enumerate(zip(got[d][kind], expected[d][kind])):
+                for k, t in e.items():
+                    assert torch.equal(g[k], t), (d, kind, i, k)
+
+
+def _run_side_by_side(config, eager, graphed, batches, tol: tuple[float, float] | None = None):
+    """Step both; compare losses, parameters, histories, optimizers, RNG states.
+
+    ``tol=None``: bit for bit (against the eager twin); else (losses, updates) relative tolerances.
+    """
+    start = copy.deepcopy(eager.network_states())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="council-fast: CUDA graph capture")  # the twin's refusal
+        for x_a, x_b in batches:
+            expected, got = eager.step(x_a, x_b), graphed.step(x_a, x_b)
+            assert list(got) == list(expected)
+            for k in expected:
+                if tol is None:
+                    assert torch.equal(got[k], expected[k]), k
+                else:
+                    assert math.isclose(float(got[k]), float(expected[k]), rel_tol=tol[0], abs_tol=1e-7), k
+    if tol is None:
+        _assert_identical(graphed.network_states(), eager.network_states())
+    else:
+        _assert_updates_close(graphed.network_states(), eager.network_states(), start,
+                              dead_parameter_keys(config), tol[1])
+    assert torch.equal(graphed.noise.get_state(), eager.noise.get_state())
+    assert graphed.choices.getstate() == eager.choices.getstate()
+    for d in eager.match_history:
+        for h, hist in eager.match_history[d].items():
+            torch.testing.assert_close(graphed.match_history[d][h], hist, rtol=0 if tol is None else tol[0], atol=0)
+    for kind, opt in eager.stacked_optimizers.items():
+        mine = graphed.stacked_optimizers[kind]
+        assert [g["lr"] for g in mine.param_groups] == [g["lr"] for g in opt.param_groups]
+        steps = {float(s["step"]) for s in mine.state.values()}
+        assert steps == {float(s["step"]) for s in opt.state.values()}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_emulated_graphs_replay_the_eager_iteration_exactly(config, capturable_adam_on_cpu, precision):
+    capturer = RecordingCapturer()
+    graphed = FusedCouncilTrainer(config, "cpu", seed=3, precision=precision, cuda_graphs=True,
+                                  graph_capturer=capturer, strict=True)
+    _run_side_by_side(config, _eager_twin(config, precision=precision), graphed, _batches(config, "cpu"))
+    assert graphed.graphs.captures == capturer.captures == 2  # before and after council_start_at_iter
+    assert graphed.graphs.replays == capturer.replays == 4
+    assert capturer.ops_recorded > 1000  # forward, backward and Adam of three updates
+
+
+def test_emulated_graphs_stay_within_parity_of_the_plain_engine(config, capturable_adam_on_cpu):
+    graphed = FusedCouncilTrainer(config, "cpu", seed=3, cuda_graphs=True, graph_capturer=RecordingCapturer(),
+                                  strict=True)
+    _run_side_by_side(config, FusedCouncilTrainer(config, "cpu", seed=3), graphed, _batches(config, "cpu"),
+                      tol=(1e-4, 1e-3))
+
+
+def test_loading_a_state_drops_the_graphs(config, capturable_adam_on_cpu, tmp_path):
+    """The load replaces the optimizer states a captured graph points at: capture again, stay exact."""
+    config["council"]["council_start_at_iter"] = 100
+    donor = FusedCouncilTrainer(config, "cpu", seed=5)
+    for x_a, x_b in _batches(config, "cpu", 2):
+        donor.step(x_a, x_b)
+    state = donor.state_dict()
+    graphed = FusedCouncilTrainer(config, "cpu", seed=3, cuda_graphs=True, graph_capturer=RecordingCapturer(),
+                                  strict=True)
+    for x_a, x_b in _batches(config, "cpu", 4):
+        graphed.step(x_a, x_b)
+    assert graphed.graphs.captures == 1
+    eager = _eager_twin(config)
+    eager.load_state_dict(copy.deepcopy(state))
+    graphed.load_state_dict(copy.deepcopy(state))
+    _run_side_by_side(config, eager, graphed, _batches(config, "cpu", 5))  # 2-3 warm up, 4 captured, 5-6 replay
+    assert graphed.graphs.captures == 2 and graphed.graphs.replays == 3
+
+
+def test_failed_capture_runs_eagerly_with_one_warning(config, capturable_adam_on_cpu):
+    graphed = _eager_twin(config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for x_a, x_b in _batches(config, "cpu", 5):
+            graphed.step(x_a, x_b)
+    messages = [str(w.message) for w in caught if "CUDA graph capture" in str(w.message)]
+    assert len(messages) == 1 and "council-D off" in messages[0] and "stream is capturing" in messages[0]
+    assert graphed.graphs.captures == 0 and graphed.graphs.replays == 0
+
+
+def test_failed_capture_raises_in_strict_mode(config, capturable_adam_on_cpu):
+    graphed = FusedCouncilTrainer(config, "cpu", seed=3, cuda_graphs=True, graph_capturer=_RefusingCapturer(),
+                                  strict=True)
+    batches = _batches(config, "cpu", 3)
+    for x_a, x_b in batches[:2]:
+        graphed.step(x_a, x_b)
+    with pytest.raises(CudaGraphError, match="training iteration .*stream is capturing"):
+        graphed.step(*batches[2])
+
+
+def test_graphs_are_refused_where_they_cannot_work(config):
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        FusedCouncilTrainer(config, "cpu", cuda_graphs=True)
+
+    class TwoProcesses(DataParallelHooks):
+        world = 2
+
+    with pytest.raises(NotImplementedError, match="one process only"):
+        FusedCouncilTrainer(config, "cpu", cuda_graphs=True, hooks=TwoProcesses(), graph_capturer=RecordingCapturer())
+
+
+# ---------------------------------------------------------------------- the emulator itself
+
+def test_emulator_replays_on_the_captured_tensors():
+    x, w = torch.randn(3, 4), torch.randn(4, 2)
+    acc = torch.zeros(3, 2)
+    capturer = RecordingCapturer()
+
+    def fn():
+        y = torch.relu(x @ w)
+        acc.add_(y)
+        return y
+
+    replay, y = capturer.capture(fn)
+    x.copy_(torch.randn(3, 4))  # new input in the static buffer
+    replay()
+    expected = torch.relu(x @ w)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    assert not torch.equal(acc, 2 * expected)  # the first (recording) run used the old x
+    x_grad = torch.randn(3, 4, requires_grad=True)
+    replay_grad, g = capturer.capture(lambda: torch.autograd.grad((x_grad * w.sum(1)).sum(), x_grad)[0])
+    torch.testing.assert_close(g, w.sum(1).expand(3, 4))
+
+
+def test_emulator_refuses_host_reads_and_data_dependent_shapes():
+    t = torch.ones(3)
+    with pytest.raises(HostReadDuringCapture, match="_local_scalar_dense"):
+        RecordingCapturer().capture(lambda: t * float(t.sum()))
+    with pytest.raises(HostReadDuringCapture, match="data-dependent"):
+        RecordingCapturer().capture(lambda: t[t > 0])
+    with pytest.raises(HostReadDuringCapture, match="data-dependent"):
+        RecordingCapturer().capture(lambda: torch.nonzero(t))
+
+
+# ---------------------------------------------------------------------- real CUDA graphs
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device; this machine has none")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graphs_follow_the_eager_engine(config, precision):
+    """Against the eager twin (same capturable Adam); GPU kernels may use atomics, so not bit for bit."""
+    graphed = FusedCouncilTrainer(config, "cuda", seed=3, precision=precision, cuda_graphs=True, strict=True)
+    tol = {"fp32": (1e-4, 1e-3), "bf16": (2e-2, 5e-2)}[precision]
+    _run_side_by_side(config, _eager_twin(config, "cuda", precision=precision), graphed, _batches(config, "cuda"),
+                      tol=tol)
+    assert graphed.graphs.captures == 2 and graphed.graphs.replays == 4
+
+
+def test_train_command_refuses_graphs_it_cannot_use(synthetic_data, tmp_path, capsys):
+    from council_fast.cli import main
+
+    base = ["train", "--config", "tiny", "--data", str(synthetic_data), "--iters", "1", "--cuda-graphs"]
+    assert main(base + ["--out", str(tmp_path / "a"), "--device", "cpu"]) == 2
+    assert "--cuda-graphs needs --engine fused" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "b"), "--device", "cpu", "--engine", "fused"]) == 2
+    assert "--cuda-graphs: CUDA graphs need a CUDA device" in capsys.readouterr().err
