@@ -25,16 +25,65 @@ import torch
 
 from .ops._backend import strict_mode
 
-__all__ = ["GraphedCall", "CudaGraphError"]
+__all__ = ["GraphedCall", "CudaGraphCapturer", "CudaGraphError"]
 
 
 class CudaGraphError(RuntimeError):
     """CUDA graph capture failed in strict mode."""
 
 
+class CudaGraphCapturer:
+    """Captures callables as CUDA graphs on one device; warm-ups and captures share one side stream.
+
+    The interface both graph users (:class:`GraphedCall`, :mod:`council_fast.train_graphs`) work
+    through, so tests can put a CPU emulation in its place: ``run_eager(fn)``, ``capture(fn) ->
+    (replay, outputs)`` and ``executes_on_capture`` (whether capturing also ran ``fn``). Each graph has
+    its own memory pool: a shared pool is only safe when graphs replay in capture order.
+    """
+
+    executes_on_capture = False  # a CUDA capture records kernels without running them
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self._stream = None
+
+    @property
+    def stream(self) -> "torch.cuda.Stream":
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=self.device)
+        return self._stream
+
+    def run_eager(self, fn: Callable):
+        """``fn()`` on the capture stream (the capture recipe's warm-up: kernel JIT builds, autotuning,
+        cuBLAS/cuDNN plans, lazily created optimizer states happen here, not during capture)."""
+        with torch.cuda.device(self.device):
+            current = torch.cuda.current_stream()
+            self.stream.wait_stream(current)
+            try:
+                with torch.cuda.stream(self.stream):
+                    return fn()
+            finally:
+                current.wait_stream(self.stream)
+
+    def capture(self, fn: Callable):
+        """``(replay, outputs)``: ``replay()`` reruns ``fn``'s kernels; ``outputs`` are its static results."""
+        with torch.cuda.device(self.device):
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=self.stream):
+                outputs = fn()
+
+        def replay():
+            with torch.cuda.device(self.device):
+                graph.replay()
+
+        replay.graph = graph  # keeps the graph (and its memory pool) alive as long as the replay function
+        return replay, outputs
+
+
 @dataclass
 class _Captured:
-    graph: "torch.cuda.CUDAGraph"
+    replay: Callable[[], None]
     capacity: int
     inputs: list[torch.Tensor]
     outputs: object  # a tensor or a tuple of tensors
@@ -44,37 +93,47 @@ class GraphedCall:
     """``fn(*inputs)`` for CUDA tensors sharing their first (batch) dimension, replayed as CUDA graphs.
 
     ``capacity``: the batch size to capture at (default: the first call's); smaller batches replay
-    the same graph, larger ones capture a new one.
+    the same graph, larger ones capture a new one. ``capturer``: replaces the CUDA-graph capturer
+    (tests emulate graphs on the CPU with it); default: one :class:`CudaGraphCapturer` per device.
     """
 
     def __init__(self, fn: Callable, name: str = "call", warmup: int = 2, strict: bool | None = None,
-                 capacity: int | None = None):
+                 capacity: int | None = None, capturer=None):
         self.fn, self.name, self.warmup, self.capacity = fn, name, warmup, capacity
         self.strict = strict_mode(strict)
         self.captured: dict[tuple, _Captured] = {}
         self.failed: dict[tuple, str] = {}
         self.captures = 0  # graphs captured so far (tests and benchmarks read it)
+        self._capturer = capturer
+        self._cuda_capturers: dict[torch.device, CudaGraphCapturer] = {}
+
+    def _capturer_for(self, device: torch.device):
+        if self._capturer is not None:
+            return self._capturer
+        return self._cuda_capturers.setdefault(device, CudaGraphCapturer(device))
 
     def __call__(self, *inputs: torch.Tensor):
-        _check_inputs(inputs, self.name)
+        _check_inputs(inputs, self.name, cuda=self._capturer is None)
         n = inputs[0].shape[0]
         key = tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in inputs)
         if key in self.failed:
             return self.fn(*inputs)
-        with torch.cuda.device(inputs[0].device):  # capture and replay on the inputs' device
-            entry = self.captured.get(key)
-            if entry is None or entry.capacity < n:
-                try:
-                    entry = self._capture(inputs, max(n, self.capacity or 0))
-                except Exception as e:  # noqa: BLE001 - any capture failure means "run eagerly"
-                    return self._give_up(key, e, inputs)
-                self.captured[key] = entry
-            for static, t in zip(entry.inputs, inputs):
-                static[:n].copy_(t)
-            entry.graph.replay()
-            return _rows(entry.outputs, n)
+        entry = self.captured.get(key)
+        if entry is None or entry.capacity < n:
+            capturer = self._capturer_for(inputs[0].device)
+            try:
+                entry = self._capture(capturer, inputs, max(n, self.capacity or 0))
+            except Exception as e:  # noqa: BLE001 - any capture failure means "run eagerly"
+                return self._give_up(key, e, inputs)
+            self.captured[key] = entry
+            if capturer.executes_on_capture:  # the capture ran on these very inputs
+                return _rows(entry.outputs, n)
+        for static, t in zip(entry.inputs, inputs):
+            static[:n].copy_(t)
+        entry.replay()
+        return _rows(entry.outputs, n)
 
-    def _capture(self, inputs, capacity: int) -> _Captured:
+    def _capture(self, capturer, inputs, capacity: int) -> _Captured:
         n = inputs[0].shape[0]
         static = []
         for t in inputs:
@@ -82,19 +141,11 @@ class GraphedCall:
             buf[:n].copy_(t)
             buf[n:].copy_(t[:1].expand(capacity - n, *t.shape[1:]))  # real rows: finite values
             static.append(buf)
-        stream = torch.cuda.Stream(device=inputs[0].device)
-        stream.wait_stream(torch.cuda.current_stream())
-        try:
-            with torch.cuda.stream(stream):  # warm-up: kernel JIT builds, autotuning, cuDNN plans happen here
-                for _ in range(self.warmup):
-                    self.fn(*static)
-        finally:
-            torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            outputs = self.fn(*static)
+        for _ in range(self.warmup):
+            capturer.run_eager(lambda: self.fn(*static))
+        replay, outputs = capturer.capture(lambda: self.fn(*static))
         self.captures += 1
-        return _Captured(graph, capacity, static, outputs)
+        return _Captured(replay, capacity, static, outputs)
 
     def _give_up(self, key, error: Exception, inputs):
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
@@ -105,10 +156,11 @@ class GraphedCall:
                       RuntimeWarning, stacklevel=3)
         return self.fn(*inputs)
 
-def _check_inputs(inputs, name: str) -> None:
+
+def _check_inputs(inputs, name: str, cuda: bool = True) -> None:
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError(f"{name}: CUDA graphs take tensor arguments only")
-    if any(t.device.type != "cuda" for t in inputs):
+    if cuda and any(t.device.type != "cuda" for t in inputs):
         raise ValueError(f"{name}: CUDA graphs need CUDA tensors, got {[str(t.device) for t in inputs]}")
     n = inputs[0].shape[0] if inputs[0].dim() else None
     if n is None or any(t.dim() == 0 or t.shape[0] != n for t in inputs):

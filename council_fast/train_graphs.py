@@ -13,7 +13,8 @@ iteration (the D, council-D and G updates: forward, backward and Adam) once and 
   working on the groups' float values, which are copied into those tensors before a replay;
 - the loss-matching histories are device tensors already (:mod:`council_fast.fused_trainer`);
 - the council-D update starts at ``council_start_at_iter``, so there are two graphs (before and
-  after), one per image shape as well; they share one memory pool;
+  after), one per image shape as well; once the council is on for good, the graphs without it are
+  dropped (their memory pools with them);
 - each graph is captured after ``warmup`` eager iterations of its kind (real iterations, run on a side
   stream: they initialise the optimizer states, cuBLAS/cuDNN plans and Triton autotuning);
 - the losses come back as copies (one ``torch.stack`` per dtype), valid after the next replay.
@@ -31,49 +32,10 @@ from typing import Callable
 
 import torch
 
-from .cuda_graphs import CudaGraphError
+from .cuda_graphs import CudaGraphCapturer, CudaGraphError
 from .ops._backend import strict_mode
 
-__all__ = ["GraphedTrainStep", "CudaGraphCapturer"]
-
-
-class CudaGraphCapturer:
-    """Captures callables as CUDA graphs on one device, all sharing one memory pool."""
-
-    executes_on_capture = False  # a capture records kernels without running them
-
-    def __init__(self, device: torch.device):
-        self.device = torch.device(device)
-        self.pool = None
-        self._stream = None
-
-    @property
-    def stream(self) -> "torch.cuda.Stream":
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device=self.device)
-        return self._stream
-
-    def run_eager(self, fn: Callable):
-        """``fn()`` on the side stream the graphs are captured on (as the capture recipe asks for warm-ups)."""
-        with torch.cuda.device(self.device):
-            current = torch.cuda.current_stream()
-            self.stream.wait_stream(current)
-            try:
-                with torch.cuda.stream(self.stream):
-                    return fn()
-            finally:
-                current.wait_stream(self.stream)
-
-    def capture(self, fn: Callable):
-        """``(replay, outputs)``: ``replay()`` reruns ``fn``'s kernels; ``outputs`` are its static results."""
-        with torch.cuda.device(self.device):
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
-                outputs = fn()
-            if self.pool is None:
-                self.pool = graph.pool()
-        return graph.replay, outputs
+__all__ = ["GraphedTrainStep"]
 
 
 @dataclass
@@ -129,6 +91,8 @@ class GraphedTrainStep:
         if slot.replay is None:
             if not self._capture(slot, key):
                 return self.capturer.run_eager(lambda: trainer.run_updates(x_a, x_b, draws))
+            if key[0]:  # the council-D update, once on, stays on: the graphs without it are done
+                self._slots = {k: v for k, v in self._slots.items() if k[0]}
             if self.capturer.executes_on_capture:
                 return _copy_losses(slot.outputs)
         slot.replay()

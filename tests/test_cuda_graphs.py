@@ -1,15 +1,23 @@
-"""CUDA-graph replay of conversion calls: argument checks everywhere, replay against eager on a GPU."""
+"""CUDA-graph replay of conversion calls: argument checks everywhere; replay against eager on a GPU
+and, through the capture emulator (tests/_graph_emulator.py), on the CPU."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from _graph_emulator import RecordingCapturer
 from council_fast.convert import ConvertError, Converter, add_arguments
 from council_fast.cuda_graphs import CudaGraphError, GraphedCall
 from council_fast.fast_generator import FastGenerator
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a CUDA device; this machine has none")
+# "cpu": the same GraphedCall logic with the capture emulated; "cuda": real CUDA graphs
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, requires_cuda])]
+
+
+def _graphed_call(fn, device, **kwargs) -> GraphedCall:
+    return GraphedCall(fn, capturer=RecordingCapturer() if device == "cpu" else None, **kwargs)
 
 
 def test_rejects_cpu_tensors_and_mismatched_batches():
@@ -37,16 +45,16 @@ def test_convert_flag():
     assert parser.parse_args(base + ["--no-cuda-graphs"]).cuda_graphs is False
 
 
-def _generator(tiny_config, dtype=torch.float32):
+def _generator(tiny_config, dtype=torch.float32, device="cuda"):
     torch.manual_seed(0)
-    gen = FastGenerator(3, tiny_config["gen"]).cuda().to(dtype).eval()
+    gen = FastGenerator(3, tiny_config["gen"]).to(device).to(dtype).eval()
     return gen
 
 
-def _inputs(batch, tiny_config, dtype=torch.float32, seed=1):
+def _inputs(batch, tiny_config, dtype=torch.float32, seed=1, device="cuda"):
     gen = torch.Generator().manual_seed(seed)
-    x = (torch.rand(batch, 3, 32, 32, generator=gen) * 2 - 1).cuda().to(dtype)
-    z = torch.randn(batch, tiny_config["gen"]["style_dim"], 1, 1, generator=gen).cuda().to(dtype)
+    x = (torch.rand(batch, 3, 32, 32, generator=gen) * 2 - 1).to(device).to(dtype)
+    z = torch.randn(batch, tiny_config["gen"]["style_dim"], 1, 1, generator=gen).to(device).to(dtype)
     return x, z
 
 
@@ -57,14 +65,13 @@ def _assert_close(actual, expected, tol=1e-5):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.gpu
-@requires_cuda
-def test_replay_matches_eager_full_and_partial_batches(tiny_config, dtype):
-    gen = _generator(tiny_config, dtype)
-    graphed = GraphedCall(lambda x, z: gen.translate(x, z, return_mask=True), name="translate")
+@pytest.mark.parametrize("device", DEVICES)
+def test_replay_matches_eager_full_and_partial_batches(tiny_config, dtype, device):
+    gen = _generator(tiny_config, dtype, device)
+    graphed = _graphed_call(lambda x, z: gen.translate(x, z, return_mask=True), device, name="translate")
     with torch.inference_mode():
         for batch, seed in ((4, 1), (4, 2), (3, 3), (1, 4)):  # the last two reuse the batch-4 graph
-            x, z = _inputs(batch, tiny_config, dtype, seed)
+            x, z = _inputs(batch, tiny_config, dtype, seed, device)
             out, masks = graphed(x, z)
             ref_out, ref_masks = gen.translate(x, z, return_mask=True)
             assert out.shape == ref_out.shape and masks.shape == ref_masks.shape
@@ -72,7 +79,7 @@ def test_replay_matches_eager_full_and_partial_batches(tiny_config, dtype):
             _assert_close(out, ref_out, tol)
             _assert_close(masks, ref_masks, tol)
         assert graphed.captures == 1
-        x, z = _inputs(6, tiny_config, dtype, 5)  # a larger batch: captured again
+        x, z = _inputs(6, tiny_config, dtype, 5, device)  # a larger batch: captured again
         _assert_close(graphed(x, z)[0], gen.translate(x, z), 1e-5 if dtype == torch.float32 else 2e-2)
         assert graphed.captures == 2
 
@@ -93,14 +100,13 @@ def test_converter_with_and_without_graphs_agree(tiny_config):
     assert graphed._graphed and all(g.captures == 1 for g in graphed._graphed.values())
 
 
-@pytest.mark.gpu
-@requires_cuda
-def test_failed_capture_falls_back_or_raises_when_strict():
+@pytest.mark.parametrize("device", DEVICES)
+def test_failed_capture_falls_back_or_raises_when_strict(device):
     def syncs(x):
         return x * float(x.sum().item())  # a host sync: not capturable
 
-    x = torch.ones(2, 3, device="cuda")
+    x = torch.ones(2, 3, device=device)
     with pytest.warns(RuntimeWarning, match="running it eagerly"):
-        assert torch.equal(GraphedCall(syncs, name="syncs")(x), x * 6.0)
+        assert torch.equal(_graphed_call(syncs, device, name="syncs")(x), x * 6.0)
     with pytest.raises(CudaGraphError, match="syncs"):
-        GraphedCall(syncs, name="syncs", strict=True)(x)
+        _graphed_call(syncs, device, name="syncs", strict=True)(x)
