@@ -91,7 +91,8 @@ class GraphedTrainStep:
         if slot.replay is None:
             if not self._capture(slot, key):
                 return self.capturer.run_eager(lambda: trainer.run_updates(x_a, x_b, draws))
-            if key[0]:  # the council-D update, once on, stays on: the graphs without it are done
+            if key[0] and not trainer.config["council"]["flipOnOff"]:
+                # the council-D update, once on, stays on: the graphs without it are done
                 self._slots = {k: v for k, v in self._slots.items() if k[0]}
             if self.capturer.executes_on_capture:
                 return _copy_losses(slot.outputs)

@@ -249,9 +249,18 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
   FOR_CHANNELS(i, D_, D) store_elem(grad_h, b * ghs.sb + i * ghs.sc + p * ghs.sp, ga[i], s.code);
 }
 
-void check_inputs(const at::Tensor& h, const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& images,
+void check_same_device(const at::Tensor& h, std::initializer_list<const at::Tensor*> others) {
+  TORCH_CHECK(h.is_cuda(), "decoder_tail cuda: CUDA tensors only");
+  for (const at::Tensor* t : others)
+    TORCH_CHECK(t->device() == h.device(), "decoder_tail cuda: every tensor must be on ", h.device(), ", got one on ",
+                t->device());
+}
+
+void check_inputs(const at::Tensor& h, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                  const at::Tensor& b2, const at::Tensor& w3, const at::Tensor& b3, const at::Tensor& images,
                   int64_t num_masks) {
-  TORCH_CHECK(h.is_cuda() && images.is_cuda() && w1.is_cuda() && w3.is_cuda(), "decoder_tail cuda: CUDA tensors only");
+  check_same_device(h, {&w1, &b1, &w2, &b2, &w3, &b3, &images});
+  TORCH_CHECK(images.scalar_type() == h.scalar_type(), "decoder_tail cuda: images must have h's dtype");
   TORCH_CHECK(h.dim() == 4 && images.dim() == 4, "decoder_tail: h and images must be 4-D");
   TORCH_CHECK(num_masks >= 1 && num_masks <= kMaxMasks, "decoder_tail cuda: num_masks must be in 1..64");
   TORCH_CHECK(images.size(1) >= 1 && images.size(1) <= kMaxOut, "decoder_tail cuda: output_dim must be in 1..8");
@@ -268,6 +277,7 @@ void check_outputs(const at::Tensor& h, const at::Tensor& images, int64_t num_ma
                    const at::Tensor& masks) {
   const std::vector<int64_t> out_shape{h.size(0), images.size(1), h.size(2), h.size(3)};
   const std::vector<int64_t> mask_shape{h.size(0), num_masks, h.size(2), h.size(3)};
+  check_same_device(h, {&out, &masks});
   TORCH_CHECK(out.sizes() == at::IntArrayRef(out_shape) && out.is_contiguous() && out.scalar_type() == h.scalar_type(),
               "decoder_tail: out must be a contiguous (B, output_dim, H, W) tensor of h's dtype");
   TORCH_CHECK(masks.sizes() == at::IntArrayRef(mask_shape) && masks.is_contiguous() &&
@@ -277,6 +287,8 @@ void check_outputs(const at::Tensor& h, const at::Tensor& images, int64_t num_ma
 
 void check_grads(const at::Tensor& h, const at::Tensor& images, const at::Tensor& grad_out,
                  const c10::optional<at::Tensor>& grad_masks, const at::Tensor& grad_h, const at::Tensor& grad_img) {
+  check_same_device(h, {&grad_out, &grad_h, &grad_img});
+  if (grad_masks.has_value()) check_same_device(h, {&grad_masks.value()});
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == h.size(0) && grad_out.size(1) == images.size(1) &&
                   grad_out.size(2) == h.size(2) && grad_out.size(3) == h.size(3),
               "decoder_tail: grad_out must have the output's shape");
@@ -301,10 +313,13 @@ std::vector<at::Tensor> float_weights(std::initializer_list<at::Tensor> ws) {
   return out;
 }
 
-size_t shared_bytes(int64_t D, int64_t N) {
+size_t shared_bytes(int64_t D, int64_t N, const at::Device& device) {
   const size_t bytes = sizeof(float) * (2 * D * D + N * D + 2 * D + N);
-  TORCH_CHECK(bytes <= 200 * 1024, "decoder_tail cuda: the fp32 weights (dim ", D, ", ", N,
-              " raw channels) do not fit in shared memory; use the triton back-end");
+  int limit = 0;  // the most a block may opt in to: 227 KB on H100, 163 KB on A100, 99 KB on sm_86/89
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device.index()));
+  TORCH_CHECK(bytes <= static_cast<size_t>(limit), "decoder_tail cuda: the fp32 weights (dim ", D, ", ", N,
+              " raw channels, ", bytes, " bytes) do not fit in this GPU's shared memory (", limit,
+              " bytes); use the triton back-end");
   return bytes;
 }
 
@@ -317,7 +332,7 @@ void allow_shared(Kernel kernel, size_t bytes) {
 void forward(const at::Tensor& h, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
              const at::Tensor& b2, const at::Tensor& w3, const at::Tensor& b3, const at::Tensor& images,
              int64_t num_masks, at::Tensor& out, at::Tensor& masks) {
-  check_inputs(h, w1, w3, images, num_masks);
+  check_inputs(h, w1, b1, w2, b2, w3, b3, images, num_masks);
   const c10::cuda::CUDAGuard guard(h.device());
   auto w = float_weights({w1, b1, w2, b2, w3, b3});
   const int64_t B = h.size(0), HW = h.size(2) * h.size(3);
@@ -325,7 +340,7 @@ void forward(const at::Tensor& h, const at::Tensor& w1, const at::Tensor& b1, co
                 static_cast<int>(num_masks), dtype_code(h), HW, B * HW};
   check_outputs(h, images, num_masks, out, masks);
   if (s.total == 0) return;
-  const size_t smem = shared_bytes(s.D, s.N);
+  const size_t smem = shared_bytes(s.D, s.N, h.device());
   const dim3 grid(static_cast<unsigned>((s.total + kThreads - 1) / kThreads));
   auto stream = c10::cuda::getCurrentCUDAStream();
   {
@@ -344,7 +359,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const c10::optional
                                  const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& w3,
                                  const at::Tensor& b3, const at::Tensor& images, int64_t num_masks,
                                  at::Tensor& grad_h, at::Tensor& grad_img) {
-  check_inputs(h, w1, w3, images, num_masks);
+  check_inputs(h, w1, b1, w2, b2, w3, b3, images, num_masks);
   check_grads(h, images, grad_out, grad_masks, grad_h, grad_img);
   const c10::cuda::CUDAGuard guard(h.device());
   auto w = float_weights({w1, b1, w2, b2, w3, b3});
@@ -358,7 +373,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const c10::optional
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(total, int64_t(1) << 20));
   at::Tensor xs = at::empty({D, chunk}, f32), r1 = at::empty({D, chunk}, f32), r2 = at::empty({D, chunk}, f32);
   at::Tensor g1 = at::empty({D, chunk}, f32), g2 = at::empty({D, chunk}, f32), g3 = at::empty({N, chunk}, f32);
-  const size_t smem = shared_bytes(D, N);
+  const size_t smem = shared_bytes(D, N, h.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (int64_t first = 0; first < total; first += chunk) {
     const int64_t count = std::min(chunk, total - first);

@@ -14,6 +14,16 @@ from council_fast.config import packaged_config
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def exact_fp32_on_cuda():
+    """fp32 comparisons mean fp32: cuDNN convolutions default to TF32 on Ampere and newer (~1e-3 off),
+    which the reference path would use and the fused fp32 kernels do not."""
+    if torch.cuda.is_available():
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+
+
 @pytest.fixture
 def tiny_config() -> dict:
     """A fresh copy of the packaged 'tiny' config (safe to modify)."""

@@ -135,6 +135,8 @@ def test_bad_shapes_are_named():
         decoder_tail(*bad, 3, backend="reference")
     with pytest.raises(ValueError, match="dtype"):
         decoder_tail(*tensors[:7], tensors[7].double(), 3, backend="reference")
+    with pytest.raises(ValueError, match=r"one device, got \['cpu', 'meta'\]"):
+        decoder_tail(*tensors[:2], tensors[2].to("meta"), *tensors[3:], 3, backend="reference")
 
 
 def test_torch_compile_fullgraph():

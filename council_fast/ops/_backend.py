@@ -15,6 +15,7 @@ or ``(council_fast_cuda, m)`` and are then called as ``torch.ops.council_fast_cp
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
@@ -125,8 +126,13 @@ def _build(kind: str, verbose: bool):
     name, sources, cflags = _build_spec(kind)
     kwargs = dict(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp"], verbose=verbose)
     if kind == "cuda":
-        kwargs["extra_cuda_cflags"] = ["-O3", "--use_fast_math", "-std=c++17"]
+        kwargs["extra_cuda_cflags"] = CUDA_FLAGS
     return cpp_extension.load(**kwargs)
+
+
+# No --use_fast_math: it turns tanhf into tanh.approx.f32 (~5e-4 relative error), far outside the
+# decoder tail's fp32 tolerance.
+CUDA_FLAGS = ["-O3", "-std=c++17"]
 
 
 def _build_spec(kind: str) -> tuple[str, list[str], list[str]]:
@@ -142,7 +148,7 @@ def _build_spec(kind: str) -> tuple[str, list[str], list[str]]:
         cflags.append("-march=native")  # the build is cached per machine: the name hashes the CPU flags
         digest.update(_cpu_flags().encode())
     digest.update(torch.__version__.encode())
-    digest.update(" ".join(cflags).encode())
+    digest.update(" ".join(cflags + (CUDA_FLAGS if kind == "cuda" else [])).encode())
     return f"council_fast_{kind}_{digest.hexdigest()[:12]}", sources, cflags
 
 
@@ -218,3 +224,16 @@ def resolve_backend(requested: str | None = None, device: torch.device | str = "
         raise BackendUnavailable(message)
     _warn_once(message)
     return "reference"
+
+
+def triton_launch(fn):
+    """Runs a Triton launcher with the CUDA device of its first tensor argument made current.
+
+    Triton launches on the current device's current stream; for tensors on another GPU (cuda:1 while
+    cuda:0 is current) that would be the wrong device.
+    """
+    @functools.wraps(fn)
+    def wrapper(first, *args, **kwargs):
+        with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
+            return fn(first, *args, **kwargs)
+    return wrapper

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._backend import BackendUnavailable, load_extension, resolve_backend
+from ._backend import BackendUnavailable, load_extension, resolve_backend, triton_launch
 
 __all__ = ["adain", "adain_reference", "instance_norm", "instance_norm_reference", "TritonTuning",
            "TRITON_TUNING", "BackendUnavailable"]
@@ -413,6 +413,7 @@ def _split_launch(n: int, cfg: TritonTuning) -> tuple[int, int, int]:
     return tile, chunk, triton.cdiv(n, chunk)
 
 
+@triton_launch
 def _triton_forward(x, weight, bias, residual, relu, eps, y, mean, rstd):
     p, n = weight.numel(), x.numel() // weight.numel()
     cfg = TRITON_TUNING
@@ -431,6 +432,7 @@ def _triton_forward(x, weight, bias, residual, relu, eps, y, mean, rstd):
         RELU=relu, TILE=tile, BLOCK_S=_next_pow2(splits), num_warps=8)
 
 
+@triton_launch
 def _triton_backward(grad_y, x, weight, bias, mean, rstd, relu, dx, dweight, dbias):
     p, n = weight.numel(), x.numel() // weight.numel()
     cfg = TRITON_TUNING

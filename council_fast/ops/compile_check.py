@@ -44,11 +44,11 @@ def nvcc_command(source: str, archs: list[str], output: str, extra_includes: tup
     includes = (cpp_extension.include_paths() + [cuda_include_dir(), sysconfig.get_paths()["include"]]
                 + list(extra_includes))
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    cmd = ["nvcc", "-std=c++17", "-O3", "--use_fast_math", "-c", source, "-o", output,
-           "-DTORCH_EXTENSION_NAME=council_fast_cuda_check", "-DTORCH_API_INCLUDE_EXTENSION_H",
-           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-Xcompiler", "-fPIC",
-           "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-           "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"]
+    from ._backend import CUDA_FLAGS
+    # torch's own nvcc flags (it defines __CUDA_NO_HALF_OPERATORS__ and friends) plus ours, as the JIT build
+    cmd = (["nvcc", *CUDA_FLAGS, "-c", source, "-o", output,
+            "-DTORCH_EXTENSION_NAME=council_fast_cuda_check", "-DTORCH_API_INCLUDE_EXTENSION_H",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-Xcompiler", "-fPIC"] + list(cpp_extension.COMMON_NVCC_FLAGS))
     for arch in archs:
         cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
     for inc in includes:

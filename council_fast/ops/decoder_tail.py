@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import load_extension, resolve_backend, triton_interpreted
+from ._backend import load_extension, resolve_backend, triton_interpreted, triton_launch
 
 __all__ = ["decoder_tail", "decoder_tail_reference"]
 
@@ -66,6 +66,9 @@ def _check_shapes(h, w1, b1, w2, b2, w3, b3, images, num_masks):
                              f"(dim {dim}, output_dim {out_dim}, num_masks {num_masks})")
     if images.shape[0] != h.shape[0] or images.shape[2:] != h.shape[2:]:
         raise ValueError(f"decoder_tail: images {tuple(images.shape)} do not match h {tuple(h.shape)}")
+    devices = {t.device for t in (h, w1, b1, w2, b2, w3, b3, images)}
+    if len(devices) != 1:
+        raise ValueError(f"decoder_tail: all tensors must be on one device, got {sorted(map(str, devices))}")
     dtypes = {t.dtype for t in (h, w1, b1, w2, b2, w3, b3, images)}
     if len(dtypes) != 1:
         raise ValueError(f"decoder_tail: all tensors must share one dtype, got {sorted(map(str, dtypes))}")
@@ -351,6 +354,7 @@ def _block_p(h):
     return 16 if triton_interpreted() else 64
 
 
+@triton_launch
 def _triton_forward(h, w1, b1, w2, b2, w3, b3, images, num_masks, out, masks):
     batch, dim, height, width = h.shape
     hw = height * width
@@ -361,6 +365,7 @@ def _triton_forward(h, w1, b1, w2, b2, w3, b3, images, num_masks, out, masks):
                        **_triton_sizes(h, images, w3, num_masks), num_warps=4)
 
 
+@triton_launch
 def _triton_backward(grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3, images, num_masks, grad_h, grad_img):
     batch, dim, height, width = h.shape
     hw = height * width
