@@ -80,6 +80,10 @@ class GraphedTrainStep:
                x_a.dtype, x_b.dtype)
         slot = self._slots.get(key)
         if slot is None:
+            if key[0] and not trainer.config["council"]["flipOnOff"]:
+                # the council-D update, once on, stays on: the graphs without it are done (dropped
+                # before the new graph's warm-up, so their memory pools never coexist with it)
+                self._slots = {k: v for k, v in self._slots.items() if k[0]}
             slot = self._slots[key] = _Slot(x_a.clone(), x_b.clone(), draws.map(torch.clone))
         if slot.replay is None and (slot.failed or slot.eager_runs < self.warmup):
             slot.eager_runs += 1
@@ -91,9 +95,6 @@ class GraphedTrainStep:
         if slot.replay is None:
             if not self._capture(slot, key):
                 return self.capturer.run_eager(lambda: trainer.run_updates(x_a, x_b, draws))
-            if key[0] and not trainer.config["council"]["flipOnOff"]:
-                # the council-D update, once on, stays on: the graphs without it are done
-                self._slots = {k: v for k, v in self._slots.items() if k[0]}
             if self.capturer.executes_on_capture:
                 return _copy_losses(slot.outputs)
         slot.replay()

@@ -129,6 +129,7 @@ def test_emulated_graphs_replay_the_eager_iteration_exactly(config, capturable_a
     assert graphed.graphs.captures == capturer.captures == 2  # before and after council_start_at_iter
     assert graphed.graphs.replays == capturer.replays == 4
     assert capturer.ops_recorded > 1000  # forward, backward and Adam of three updates
+    assert len(graphed.graphs._slots) == 1  # the council stays on: the graph without it was dropped
 
 
 def test_emulated_graphs_stay_within_parity_of_the_plain_engine(config, capturable_adam_on_cpu):
