@@ -143,7 +143,7 @@ print("# council-fast GPU check\n")
 print("```\n" + env + "\n```\n")
 print("## Stages\n\n```\n" + open(os.path.join(out, "stages.txt")).read().strip() + "\n```\n")
 print("## benchmarks (bench convert at 256x256, bench ops; median ms per call)\n")
-print("| run | what | precision | batch | engine | status | median ms | img/s | speedup vs eager | max rel diff | peak MiB | launches |")
+print("| run | what | precision | batch | engine | status | median ms | img/s | speedup vs eager | max rel diff | peak MiB | launches per call |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for path in sorted(glob.glob(os.path.join(out, "bench_*.json"))):
     report = json.load(open(path))
@@ -154,7 +154,7 @@ for path in sorted(glob.glob(os.path.join(out, "bench_*.json"))):
         status = r["status"] + (f" ({r['reason'][:80]})" if r.get("reason") and r["status"] != "ok" else "")
         print(f"| {os.path.basename(path)[6:-5]} | {r['name']} | {s['precision']} | {s['batch']} | {r['engine']} | {status} | "
               f"{f(r['median_ms'], '.3f')} | {f(r['img_per_s'], '.0f')} | {f(r['speedup'], '.2f')} | "
-              f"{f(r['max_rel_diff'], '.2e')} | {f(r['peak_mem_mib'], '.0f')} | {f(r.get('launches'), 'd')} |")
+              f"{f(r['max_rel_diff'], '.2e')} | {f(r['peak_mem_mib'], '.0f')} | {f(r.get('launches'), 'd')} {r.get('launch_unit') or ''} |")
 EOF
 cat "$OUT/summary.md"
 cp "$OUT/summary.md" "$FINAL_OUT/summary.md"

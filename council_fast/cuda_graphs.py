@@ -36,12 +36,10 @@ class CudaGraphCapturer:
     """Captures callables as CUDA graphs on one device; warm-ups and captures share one side stream.
 
     The interface both graph users (:class:`GraphedCall`, :mod:`council_fast.train_graphs`) work
-    through, so tests can put a CPU emulation in its place: ``run_eager(fn)``, ``capture(fn) ->
-    (replay, outputs)`` and ``executes_on_capture`` (whether capturing also ran ``fn``). Each graph has
-    its own memory pool: a shared pool is only safe when graphs replay in capture order.
+    through, so tests can put a CPU emulation in its place: ``run_eager(fn)`` and ``capture(fn) ->
+    (replay, outputs)``; capturing records ``fn``'s kernels without running them. Each graph has its
+    own memory pool: a shared pool is only safe when graphs replay in capture order.
     """
-
-    executes_on_capture = False  # a CUDA capture records kernels without running them
 
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
@@ -126,8 +124,6 @@ class GraphedCall:
             except Exception as e:  # noqa: BLE001 - any capture failure means "run eagerly"
                 return self._give_up(key, e, inputs)
             self.captured[key] = entry
-            if capturer.executes_on_capture:  # the capture ran on these very inputs
-                return _rows(entry.outputs, n)
         for static, t in zip(entry.inputs, inputs):
             static[:n].copy_(t)
         entry.replay()

@@ -122,7 +122,7 @@ class FusedCouncilTrainer(CouncilTrainer):
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.cuda_graphs = bool(cuda_graphs)
         if self.cuda_graphs:
-            if hooks is not None and hooks.world != 1:
+            if hooks is not None and type(hooks) is not DataParallelHooks:  # torchrun, even with one process
                 raise NotImplementedError("CUDA graphs of the training step run in one process only (the gradient "
                                           "all-reduce is not captured); drop --cuda-graphs under torchrun")
             if torch.device(device).type != "cuda" and graph_capturer is None:
@@ -141,9 +141,10 @@ class FusedCouncilTrainer(CouncilTrainer):
         self.fallback = reasons
         self.graphs = None
         if reasons:
-            if self.hooks.world != 1:
-                raise NotImplementedError("data-parallel training needs the fused step; this config falls back to "
-                                          "the reference step: " + "; ".join(reasons))
+            for what, wanted in (("data-parallel training", self.hooks.world != 1), ("CUDA graphs", self.cuda_graphs)):
+                if wanted:
+                    raise NotImplementedError(f"{what} needs the fused step; this config falls back to the "
+                                              "reference step: " + "; ".join(reasons))
             warnings.warn("fused engine: running the reference training step because the fused step does not "
                           "implement: " + "; ".join(reasons), stacklevel=2)
             return

@@ -12,9 +12,9 @@ iteration (the D, council-D and G updates: forward, backward and Adam) once and 
   graph, with one device tensor per parameter group as its learning rate; the LR schedule keeps
   working on the groups' float values, which are copied into those tensors before a replay;
 - the loss-matching histories are device tensors already (:mod:`council_fast.fused_trainer`);
-- the council-D update starts at ``council_start_at_iter``, so there are two graphs (before and
-  after), one per image shape as well; once the council is on for good, the graphs without it are
-  dropped (their memory pools with them);
+- the council parts start at ``council_start_at_iter``, so there are two graphs (before and after),
+  one per image shape as well; from the start on, the graph from before is dropped (its memory pool
+  with it);
 - each graph is captured after ``warmup`` eager iterations of its kind (real iterations, run on a side
   stream: they initialise the optimizer states, cuBLAS/cuDNN plans and Triton autotuning);
 - the losses come back as copies (one ``torch.stack`` per dtype), valid after the next replay.
@@ -80,10 +80,11 @@ class GraphedTrainStep:
                x_a.dtype, x_b.dtype)
         slot = self._slots.get(key)
         if slot is None:
-            if key[0] and not trainer.config["council"]["flipOnOff"]:
-                # the council-D update, once on, stays on: the graphs without it are done (dropped
-                # before the new graph's warm-up, so their memory pools never coexist with it)
-                self._slots = {k: v for k, v in self._slots.items() if k[0]}
+            if trainer.iteration >= trainer.config["council"]["council_start_at_iter"]:
+                # From the council's start on, which council parts run no longer changes (the fused step has
+                # no flipOnOff): graphs of other kinds are done. Dropped before this one warms up, so their
+                # memory pools never coexist with it.
+                self._slots = {k: v for k, v in self._slots.items() if k[:2] == key[:2]}
             slot = self._slots[key] = _Slot(x_a.clone(), x_b.clone(), draws.map(torch.clone))
         if slot.replay is None and (slot.failed or slot.eager_runs < self.warmup):
             slot.eager_runs += 1
@@ -95,8 +96,6 @@ class GraphedTrainStep:
         if slot.replay is None:
             if not self._capture(slot, key):
                 return self.capturer.run_eager(lambda: trainer.run_updates(x_a, x_b, draws))
-            if self.capturer.executes_on_capture:
-                return _copy_losses(slot.outputs)
         slot.replay()
         self.replays += 1
         return _copy_losses(slot.outputs)
