@@ -3,7 +3,8 @@
 ``bench convert``: translate (encode content + decode) a batch of B images at S x S with each engine.
 Its ``reference-official-flow`` row is the official test flow, which also runs the style encoder
 and throws its output away; every other row skips it. On CUDA a ``fused (...)+cudagraph`` row
-replays the fused translation as one CUDA graph (:mod:`council_fast.cuda_graphs`).
+replays the fused translation as one CUDA graph (:mod:`council_fast.cuda_graphs`) and a
+``fused (...)+channels_last`` row runs it on NHWC activations.
 ``bench train``: one full training iteration (D, council-D and G updates) of the reference trainer
 and of the fused engine. ``bench ops``: forward and forward+backward of the generator's fusable ops
 (AdaIN, instance norm, the decoder tail, the Winograd 3x3 conv), reference and (where council_fast.ops
@@ -60,6 +61,7 @@ REFERENCE, COMPILED, FUSED = "reference", "reference+compile", "fused"
 # style away; ``reference`` rows skip it, as every engine here does.
 OFFICIAL_FLOW = "reference-official-flow"
 FUSED_GRAPHED = "fused+cudagraph"  # CUDA devices only
+FUSED_CHANNELS_LAST = "fused+channels_last"  # CUDA devices only: NHWC activations (FastGenerator(channels_last=True))
 
 
 @dataclass
@@ -251,9 +253,10 @@ class _Translate(torch.nn.Module):
         return self.gen.translate(x, z)
 
 
-def _make_fused(input_dim: int, gen_params: dict, state_dict: dict, backend: str, device: torch.device):
+def _make_fused(input_dim: int, gen_params: dict, state_dict: dict, backend: str, device: torch.device,
+                **options):
     fast = fast_generator_class()
-    module = fast(input_dim, gen_params, backend=None if backend == "auto" else backend)
+    module = fast(input_dim, gen_params, backend=None if backend == "auto" else backend, **options)
     module.load_state_dict(state_dict)
     return module.to(device).eval()
 
@@ -292,6 +295,10 @@ def bench_convert(config: dict, device, precision: str = "fp32", batch: int = 32
                                                device).translate))
     if device.type == "cuda":  # the same engine with the whole translation replayed as one CUDA graph
         engines.append((FUSED_GRAPHED, engines[-1][1]))
+        # and with NHWC activations (cuDNN's tensor-core convolutions are NHWC; the norms then run in ATen)
+        engines.append((FUSED_CHANNELS_LAST, lambda: _make_fused(config["input_dim_b"], config["gen"],
+                                                                 gen.state_dict(), backend, device,
+                                                                 channels_last=True).translate))
     built = []  # (row, call) of every engine that could be built
     for engine, build in engines:
         row = BenchRow(name, engine)
@@ -307,9 +314,10 @@ def bench_convert(config: dict, device, precision: str = "fp32", batch: int = 32
         except Exception as e:  # noqa: BLE001 - a failing engine is reported, not fatal
             row.status, row.reason = "failed", _short(e)
             continue
-        native = engine in (FUSED, FUSED_GRAPHED) and precision != "fp32"
-        if engine in (FUSED, FUSED_GRAPHED):  # computes in its parameters' dtype: cast, not autocast
-            row.engine = _fused_label(fn.__self__, device) + ("+cudagraph" if engine == FUSED_GRAPHED else "")
+        fused_kind = engine in (FUSED, FUSED_GRAPHED, FUSED_CHANNELS_LAST)
+        native = fused_kind and precision != "fp32"
+        if fused_kind:  # computes in its parameters' dtype: cast, not autocast
+            row.engine = _fused_label(fn.__self__, device) + engine[len(FUSED):]
             fn.__self__.to(PRECISIONS[precision])
         if engine == FUSED_GRAPHED:
             fn = GraphedCall(fn, name="fused translate", strict=True)  # a failed capture is a failed row

@@ -278,6 +278,58 @@ def test_optional_paths(options, tiny_config):
         _assert_close(fast.translate(x, z), ref.translate(x, z), 1e-5, f"translate {options}")
 
 
+CL_DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not HAS_CUDA, reason="the GPU case needs a CUDA device; this machine has none")])]
+
+
+@pytest.mark.parametrize("device", CL_DEVICES)
+@pytest.mark.parametrize("dtype,tol,grad_tol", [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 2e-2, 2e-2)],
+                         ids=["fp32", "bf16"])
+@pytest.mark.parametrize("affine,relu,residual", [(True, True, False), (False, False, True), (True, False, True)])
+@pytest.mark.parametrize("batch,channels,height,width", [(1, 5, 7, 3), (3, 19, 5, 9)])
+def test_channels_last_norm(device, dtype, tol, grad_tol, affine, relu, residual, batch, channels, height, width):
+    """The NHWC norm of the channels-last mode against the NCHW reference twins: output stays NHWC."""
+    gen = torch.Generator().manual_seed(batch * 100 + channels)
+
+    def make(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=gen) * scale + shift).to(device=device, dtype=dtype)
+
+    x = make(batch, channels, height, width, scale=2.0, shift=0.5).contiguous(memory_format=torch.channels_last)
+    weight = make(batch, channels, scale=0.5, shift=1.0) if affine else None
+    bias = make(batch, channels, scale=0.3) if affine else None
+    res = make(batch, channels, height, width).contiguous(memory_format=torch.channels_last) if residual else None
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, weight, bias, res)]
+    ref_leaves = [t.detach().float().requires_grad_() if t is not None else None for t in (x, weight, bias, res)]
+    out = fast_generator_mod._channels_last_norm(leaves[0], leaves[1], leaves[2], relu, leaves[3])
+    if affine:
+        expected = adain_mod.adain_reference(ref_leaves[0], ref_leaves[1], ref_leaves[2], ref_leaves[3], relu)
+    else:
+        expected = adain_mod.instance_norm_reference(ref_leaves[0], relu, residual=ref_leaves[3])
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    _assert_close(out, expected, tol, "output")
+    grad = torch.randn(out.shape, generator=gen).to(device)
+    out.backward(grad.to(dtype))
+    expected.backward(grad)
+    for name, mine, theirs in zip(("x", "weight", "bias", "residual"), leaves, ref_leaves):
+        if mine is not None:
+            _assert_close(mine.grad, theirs.grad, grad_tol, f"grad {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="the GPU case needs a CUDA device; this machine has none")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_channels_last_mode_on_the_gpu(backend, tiny_config):
+    require_backend(backend)
+    params = _tiny_params(tiny_config)
+    ref = _reference(params).cuda()
+    fast = FastGenerator.from_reference(ref, backend=backend, channels_last=True)
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.rand(2, 3, 20, 24, generator=gen) * 2 - 1).cuda()
+    z = torch.randn(2, params["style_dim"], 1, 1, generator=gen).cuda()
+    with torch.no_grad():
+        _assert_close(fast.translate(x, z), ref.translate(x, z), 1e-5, "translate channels_last")
+
+
 def test_anime_width_uses_winograd_by_default(monkeypatch):
     """The published config's widths (256-channel residual blocks) take the Winograd path with the default
     thresholds; the translation stays within the fp32 tolerance of the reference."""
