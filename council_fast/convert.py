@@ -536,6 +536,42 @@ def _to_grid_cell(t: torch.Tensor) -> torch.Tensor:
     return ((t.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+MAX_AUTO_BATCH = 32
+_FULL_RES_ACTIVATIONS = 8  # conservative: live full-resolution 64-channel tensors per image, workspace included
+
+
+def default_batch(device: torch.device, size: int, precision: str = "fp32") -> int:
+    """--batch's default: 8 on the CPU; on a GPU as many images (1 to 32) as half its free memory holds,
+    estimated as a few full-resolution 64-channel activations per image."""
+    if device.type != "cuda":
+        return 8
+    free, _ = torch.cuda.mem_get_info(device)
+    per_image = size * size * 64 * (4 if precision == "fp32" else 2) * _FULL_RES_ACTIVATIONS
+    return max(1, min(MAX_AUTO_BATCH, int(free // 2 // per_image)))
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, getattr(torch, "OutOfMemoryError", ())) or "out of memory" in str(e).lower()
+
+
+def _step_with_backoff(step: "_BatchStep", batch_items, plans, bar) -> None:
+    """step(batch_items, plans); when the device runs out of memory, the batch is halved (for the rest of
+    the run too) and retried, down to single images. Style codes do not depend on batching."""
+    try:
+        step(batch_items, plans)
+        return
+    except RuntimeError as e:
+        if not _is_out_of_memory(e) or (len(batch_items) == 1 and step.batch == 1):
+            raise
+    if step.converter.device.type == "cuda":
+        torch.cuda.empty_cache()
+    smaller = max(1, step.batch // 2)
+    bar.write(f"out of device memory at batch {step.batch}: continuing with batch {smaller}", file=sys.stderr)
+    step.batch = smaller
+    for start in range(0, len(batch_items), smaller):
+        _step_with_backoff(step, batch_items[start:start + smaller], plans[start:start + smaller], bar)
+
+
 def convert_paths(items: Sequence[InputItem], converter: Converter, output_dir: str, *, size: int,
                   member_mode: str = "all", styles: int = 1, seed: int = 0, batch: int = 8, workers: int = 2,
                   save_masks: bool = False, grid: bool = False, input_dim: int = 3,
@@ -559,7 +595,8 @@ def convert_paths(items: Sequence[InputItem], converter: Converter, output_dir: 
     stream = _prefetch(items, lambda it: _load_tensor(it, size, input_dim), workers, lookahead=2 * batch + workers)
     try:
         for batch_items in _batches(stream, batch, report, bar):
-            step(batch_items, _assign(batch_items, members, member_mode, styles, converter.style_dim, seed))
+            plans = _assign(batch_items, members, member_mode, styles, converter.style_dim, seed)
+            _step_with_backoff(step, batch_items, plans, bar)
             bar.update(len(batch_items))
     finally:
         bar.close()
@@ -567,7 +604,7 @@ def convert_paths(items: Sequence[InputItem], converter: Converter, output_dir: 
     order = {item.path: i for i, item in enumerate(items)}
     report.failed = sorted(report.failed + list(writer.errors.items()), key=lambda f: order.get(f[0], 0))
     report.converted = report.total - len({path for path, _ in report.failed})
-    report.outputs = writer.written
+    report.outputs = list(dict.fromkeys(writer.written))  # a batch retried after running out of memory
     if grid and step.grid_rows:
         report.grid = _write_grid([step.grid_rows[item.rel] for item in items if item.rel in step.grid_rows],
                                   output_dir, items)
@@ -656,7 +693,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None,
                         help="makes the style codes and member choices repeatable (default: random, printed)")
     parser.add_argument("--batch", type=int, default=None,
-                        help="images per model call (default: 32 on cuda, 8 on cpu)")
+                        help="images per model call (default: 8 on cpu; on cuda as many as half the free GPU "
+                             "memory holds, at most 32; halved automatically if the GPU runs out of memory)")
     parser.add_argument("--size", type=int, default=None,
                         help="shorter side is resized to this, then centre-cropped square (default: new_size)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -686,8 +724,6 @@ def _validate_args(args) -> torch.device:
         raise ConvertError(f"--size must be positive, got {args.size}")
     device = resolve_device(args.device)
     check_precision(args.precision, device)
-    if args.batch is None:
-        args.batch = 32 if device.type == "cuda" else 8
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise ConvertError(f"--output {args.output}: exists and is not a folder")
     output = os.path.realpath(args.output)
@@ -723,10 +759,12 @@ def run(args) -> int:
         return EXIT_FATAL
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     input_dim = model.config["input_dim_a"] if model.direction == "a2b" else model.config["input_dim_b"]
+    if args.batch is None:
+        args.batch = default_batch(device, size, args.precision)
     if not args.quiet:
         print(f"council-fast convert: {len(items)} inputs, {model.direction} members "
               f"{','.join(map(str, model.generators))}, engine {model.engine}, {device}, {args.precision}, "
-              f"{size}x{size}, seed {seed}", file=sys.stderr)
+              f"{size}x{size}, batch {args.batch}, seed {seed}", file=sys.stderr)
     converter = Converter(model.generators, device, args.precision, style_dim=model.config["gen"]["style_dim"],
                           cuda_graphs=args.cuda_graphs and device.type == "cuda", graph_batch=args.batch)
     try:

@@ -519,3 +519,40 @@ def test_cli_routes_convert(tmp_path, images, ckpt):
     except ModuleNotFoundError as e:
         pytest.skip(f"another command module is missing: {e}")
     assert status == 0 and os.listdir(tmp_path / "o") == ["dog_m3_s0.png"]
+
+
+def test_running_out_of_memory_halves_the_batch(tmp_path, images, ckpt, capsys, monkeypatch):
+    """A device out of memory at batch 4 goes on at batch 2 (for the rest of the run): every output is
+    written once, with the images a batch-2 run writes."""
+    real_decode = convert.Converter.decode
+    seen = []
+
+    def decode_needing_memory(self, member, content, z, x, return_mask=False):
+        seen.append(z.shape[0])
+        if z.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_decode(self, member, content, z, x, return_mask=return_mask)
+
+    def run(name, batch):
+        out = tmp_path / name
+        assert run_convert("--config", "tiny", "--checkpoint", ckpt["prefix"], "--input", str(images),
+                           "--output", str(out), "--seed", "3", "--batch", batch, "--styles", "2", "--grid") == 0
+        return digest(out)
+
+    expected = run("batch2", "2")
+    monkeypatch.setattr(convert.Converter, "decode", decode_needing_memory)
+    capsys.readouterr()
+    got = run("batch4", "4")
+    assert "out of device memory at batch 4: continuing with batch 2" in capsys.readouterr().err
+    assert seen[0] == 4 and set(seen[1:]) == {2}  # halved once, for good
+    assert got == expected
+
+
+def test_default_batch_follows_the_free_gpu_memory(monkeypatch):
+    assert convert.default_batch(torch.device("cpu"), 256) == 8
+    gib = 2 ** 30
+    for free, size, precision, expected in ((80 * gib, 256, "fp32", 32), (2 * gib, 256, "fp32", 8),
+                                             (2 * gib, 256, "bf16", 16), (8 * gib, 1024, "fp32", 2),
+                                             (gib // 4, 1024, "fp32", 1)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 80 * gib))
+        assert convert.default_batch(torch.device("cuda"), size, precision) == expected, (free, size, precision)
