@@ -151,7 +151,14 @@ def count_launches(fn: Callable[[], object], device: torch.device) -> tuple[int,
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             fn()
             torch.cuda.synchronize(device)
-        return sum(e.count for e in prof.key_averages() if e.key.startswith(_LAUNCH_CALLS)), "launches"
+        events = prof.key_averages()
+        launches = sum(e.count for e in events if e.key.startswith(_LAUNCH_CALLS))
+        if launches:
+            return launches, "launches"
+        # no runtime/driver launch calls under the names above (another CUDA or profiler version):
+        # count the kernels that ran on the device instead (a graph's kernels count one by one)
+        kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        return kernels, "kernels"
     with _OpCounter() as counter:
         fn()
     return counter.ops, "ops"
@@ -637,7 +644,7 @@ def format_table(rows: list[BenchRow]) -> str:
             status += f" [{number}]"
         lines.append((r.name, r.engine, status, num(r.median_ms, ".4g"), num(r.img_per_s, ".4g"),
                       num(r.speedup, ".2f", "x"), num(r.peak_mem_mib, ".0f"), num(r.first_call_s, ".2f"),
-                      num(r.max_rel_diff, ".2e"), num(r.launches, "d", " ops" if r.launch_unit == "ops" else "")))
+                      num(r.max_rel_diff, ".2e"), num(r.launches, "d", f" {r.launch_unit}" if r.launch_unit not in (None, "launches") else "")))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     text = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
