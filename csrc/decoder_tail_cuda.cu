@@ -118,12 +118,15 @@ __device__ __forceinline__ void dense(const float* __restrict__ w, const float* 
 // x[i] = sum_o w[o * in + i] * g[o] (the transposed product).
 template <int OUT, int IN>
 __device__ __forceinline__ void dense_t(const float* __restrict__ w, const float* g, float* x, int out, int in) {
-  if constexpr (OUT > 0 && IN > 0) {
+  if constexpr (OUT > 0 && IN > 0) {  // as dense: g in registers, the inner loop unrolled, the outer not
+    float gr[OUT];
 #pragma unroll
+    for (int o = 0; o < OUT; ++o) gr[o] = g[o];
+#pragma unroll 1
     for (int i = 0; i < IN; ++i) {
       float acc = 0.f;
 #pragma unroll
-      for (int o = 0; o < OUT; ++o) acc = fmaf(w[o * IN + i], g[o], acc);
+      for (int o = 0; o < OUT; ++o) acc = fmaf(w[o * IN + i], gr[o], acc);
       x[i] = acc;
     }
   } else {
@@ -207,7 +210,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
   FOR_CHANNELS(n, N_, N) t[n] = tanh_f(t[n]);
   // Blend backward: replay the blend to get the state before each step.
   const int O = s.O, M = s.M;
-  float states[(kMaxMasks + 1) * kMaxOut];
+  // (M + 1) * O blend states; with N = (O + 1) * M fixed, that is at most N + O
+  float states[N_ > 0 ? N_ + kMaxOut : (kMaxMasks + 1) * kMaxOut];
   float g[kMaxOut];
   for (int c = 0; c < O; ++c) {
     states[c] = load_elem(images, b * is.sb + c * is.sc + p * is.sp, s.code);
@@ -304,7 +308,7 @@ void check_grads(const at::Tensor& h, const at::Tensor& images, const at::Tensor
                 "decoder_tail: gradients must have H and W merged into one pixel stride");
 }
 
-// The anime decoder's (dim 64, 12 raw channels) forward gets the register-resident kernel.
+// The anime decoder's (dim 64, 12 raw channels) forward and backward get the fixed-size kernels.
 bool is_common(int64_t D, int64_t N) { return D == 64 && N == 12; }
 
 std::vector<at::Tensor> float_weights(std::initializer_list<at::Tensor> ws) {
@@ -383,7 +387,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const c10::optional
                       g2.data_ptr<float>(), g3.data_ptr<float>(), chunk};
     const dim3 grid(static_cast<unsigned>((count + kThreads - 1) / kThreads));
     {
-      auto kernel = backward_kernel<0, 0>;
+      auto kernel = is_common(D, N) ? backward_kernel<64, 12> : backward_kernel<0, 0>;
       allow_shared(kernel, smem);
       kernel<<<grid, kThreads, smem, stream>>>(
           gout.data_ptr<float>(), gmask.defined() ? gmask.data_ptr<float>() : nullptr, h.data_ptr(),
