@@ -644,7 +644,7 @@ def format_table(rows: list[BenchRow]) -> str:
             status += f" [{number}]"
         lines.append((r.name, r.engine, status, num(r.median_ms, ".4g"), num(r.img_per_s, ".4g"),
                       num(r.speedup, ".2f", "x"), num(r.peak_mem_mib, ".0f"), num(r.first_call_s, ".2f"),
-                      num(r.max_rel_diff, ".2e"), num(r.launches, "d", f" {r.launch_unit}" if r.launch_unit not in (None, "launches") else "")))
+                      num(r.max_rel_diff, ".2e"), num(r.launches, "d", _unit_suffix(r.launch_unit))))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     text = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
@@ -653,6 +653,10 @@ def format_table(rows: list[BenchRow]) -> str:
         footer.append("launches: per call; on the CPU the computing aten and custom ops dispatched (\"ops\", "
                       "views left out; none for torch.compile)")
     return "\n".join(text + footer)
+
+
+def _unit_suffix(launch_unit: str | None) -> str:
+    return "" if launch_unit in (None, "launches") else f" {launch_unit}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,9 +11,9 @@ AdaIN, convolutions), they cannot change the real rows; only those are returned.
 The returned tensors are views of the graph's static outputs: valid until the next call of the same
 ``GraphedCall`` (copy them, e.g. ``.cpu()``, before calling again). Capture runs under the caller's
 grad mode; call it under ``torch.inference_mode()``, always (static buffers made in inference mode
-cannot be written outside it). Capture and replay run on the inputs' device, on a side stream. If a capture fails (an op that synchronises
-with the host, say) the call falls back to eager execution with one warning, or raises in strict
-mode (COUNCIL_FAST_STRICT=1).
+cannot be written outside it). Capture and replay run on the inputs' device, on a side stream. If a
+capture fails (an op that synchronises with the host, say) the call falls back to eager execution
+with one warning, or raises in strict mode (COUNCIL_FAST_STRICT=1).
 """
 from __future__ import annotations
 

@@ -8,6 +8,9 @@ import torch
 from council_fast.ops import _backend
 
 HAS_CUDA = torch.cuda.is_available()
+# A test parametrised over devices: the CPU everywhere, the GPU case marked gpu and skipped without one.
+CPU_AND_CUDA = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not HAS_CUDA, reason="the GPU case needs a CUDA device; this machine has none")])]
 
 
 def device_for(backend: str) -> str:

@@ -5,15 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _backends import CPU_AND_CUDA, HAS_CUDA
 from _graph_emulator import RecordingCapturer
 from council_fast.convert import ConvertError, Converter, add_arguments
 from council_fast.cuda_graphs import CudaGraphError, GraphedCall
 from council_fast.fast_generator import FastGenerator
 
-HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a CUDA device; this machine has none")
-# "cpu": the same GraphedCall logic with the capture emulated; "cuda": real CUDA graphs
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, requires_cuda])]
 
 
 def _graphed_call(fn, device, **kwargs) -> GraphedCall:
@@ -65,7 +63,7 @@ def _assert_close(actual, expected, tol=1e-5):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", CPU_AND_CUDA)  # cpu: the capture emulated
 def test_replay_matches_eager_full_and_partial_batches(tiny_config, dtype, device):
     gen = _generator(tiny_config, dtype, device)
     graphed = _graphed_call(lambda x, z: gen.translate(x, z, return_mask=True), device, name="translate")
@@ -100,7 +98,7 @@ def test_converter_with_and_without_graphs_agree(tiny_config):
     assert graphed._graphed and all(g.captures == 1 for g in graphed._graphed.values())
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", CPU_AND_CUDA)  # cpu: the capture emulated
 def test_failed_capture_falls_back_or_raises_when_strict(device):
     def syncs(x):
         return x * float(x.sum().item())  # a host sync: not capturable

@@ -20,7 +20,7 @@ from council_fast.ops import decoder_tail as tail_mod
 from council_fast.ops import winograd as winograd_mod
 from council_fast.ops._backend import BackendUnavailable
 from council_fast.reference.networks import AdaINGen, Conv2dBlock
-from _backends import HAS_CUDA, device_for, require_backend
+from _backends import CPU_AND_CUDA, HAS_CUDA, device_for, require_backend
 
 BACKENDS = ["reference", "cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -278,11 +278,7 @@ def test_optional_paths(options, tiny_config):
         _assert_close(fast.translate(x, z), ref.translate(x, z), 1e-5, f"translate {options}")
 
 
-CL_DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not HAS_CUDA, reason="the GPU case needs a CUDA device; this machine has none")])]
-
-
-@pytest.mark.parametrize("device", CL_DEVICES)
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("dtype,tol,grad_tol", [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 2e-2, 2e-2)],
                          ids=["fp32", "bf16"])
 @pytest.mark.parametrize("affine,relu,residual", [(True, True, False), (False, False, True), (True, False, True)])

@@ -16,6 +16,7 @@ from council_fast.fused_trainer import FusedCouncilTrainer, unfused_switches
 from council_fast.parity import dead_parameter_keys, run_iteration, synthetic_batch
 from council_fast.reference import AdaINGen, MsImageDis, MsImageDisCouncil, lsgan_dis_loss, lsgan_gen_loss
 from council_fast.trainer import CouncilTrainer
+from _compare import assert_states_close
 
 torch.set_num_threads(2)
 SIZE = 32  # the tiny config's crop; at 16x16 the content code is 4x4 and instance norm amplifies rounding ~100x
@@ -207,27 +208,6 @@ def test_losses_histories_and_lr_follow_the_reference_over_iterations(config):
 
 # ---------------------------------------------------------------------- state and resume
 
-def _assert_states_close(a: dict, b: dict, tol: float, dead=frozenset(), start: dict | None = None) -> None:
-    """Norm-wise per tensor; with ``start``, the updates (a - start vs b - start) are compared.
-
-    ``dead``: generator biases an instance norm cancels (their gradient is rounding noise, which
-    Adam turns into steps of up to lr; see council_fast.parity).
-    """
-    for d in b:
-        for kind in b[d]:
-            for i, (sa, sb) in enumerate(zip(a[d][kind], b[d][kind])):
-                for k, t in sb.items():
-                    if (kind == "gen" and k in dead) or not t.is_floating_point():
-                        continue
-                    x, y = sa[k], t
-                    if start is not None:
-                        x, y = x - start[d][kind][i][k], y - start[d][kind][i][k]
-                    if y.norm() > 0:
-                        assert ((x - y).norm() / y.norm()).item() < tol, (d, kind, k)
-                    else:
-                        assert x.norm() == 0, (d, kind, k)
-
-
 @pytest.mark.parametrize("first", ["reference", "fused"])
 def test_resume_across_engines(config, tmp_path, first):
     """Save with one engine, load the file with the other; both continue identically."""
@@ -243,7 +223,7 @@ def test_resume_across_engines(config, tmp_path, first):
     assert b.iteration == a.iteration
     assert torch.equal(b.noise.get_state(), a.noise.get_state())
     loaded = a.network_states()
-    _assert_states_close(b.network_states(), loaded, 1e-12)
+    assert_states_close(b.network_states(), loaded, 1e-12)
     loaded = {d: {k: [{n: t.clone() for n, t in sd.items()} for sd in sds] for k, sds in kinds.items()}
               for d, kinds in loaded.items()}
     x = synthetic_batch(config, 2, SIZE, 8, "cpu")
@@ -251,7 +231,7 @@ def test_resume_across_engines(config, tmp_path, first):
     for k in la:
         assert math.isclose(float(lb[k]), float(la[k]), rel_tol=1e-4), k
     # Adam updates agree norm-wise (elementwise, Adam amplifies rounding noise; see council_fast.parity)
-    _assert_states_close(b.network_states(), a.network_states(), 1e-2, dead_parameter_keys(config), loaded)
+    assert_states_close(b.network_states(), a.network_states(), 1e-2, dead_parameter_keys(config), loaded)
     sa, sb = a.state_dict(), b.state_dict()
     for i in range(config["council"]["council_size"]):
         for kind in ("gen", "dis", "dis_council"):

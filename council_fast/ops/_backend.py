@@ -29,6 +29,9 @@ __all__ = ["BACKENDS", "BackendUnavailable", "resolve_backend", "load_extension"
            "triton_interpreted", "strict_mode", "csrc_dir"]
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
+# No --use_fast_math: it turns tanhf into tanh.approx.f32 (~5e-4 relative error), far outside the
+# decoder tail's fp32 tolerance.
+CUDA_FLAGS = ["-O3", "-std=c++17"]
 _lock = threading.Lock()
 _warned: set[str] = set()
 
@@ -128,11 +131,6 @@ def _build(kind: str, verbose: bool):
     if kind == "cuda":
         kwargs["extra_cuda_cflags"] = CUDA_FLAGS
     return cpp_extension.load(**kwargs)
-
-
-# No --use_fast_math: it turns tanhf into tanh.approx.f32 (~5e-4 relative error), far outside the
-# decoder tail's fp32 tolerance.
-CUDA_FLAGS = ["-O3", "-std=c++17"]
 
 
 def _build_spec(kind: str) -> tuple[str, list[str], list[str]]:
