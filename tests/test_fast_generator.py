@@ -20,15 +20,15 @@ from council_fast.ops import decoder_tail as tail_mod
 from council_fast.ops import winograd as winograd_mod
 from council_fast.ops._backend import BackendUnavailable
 from council_fast.reference.networks import AdaINGen, Conv2dBlock
-from _backends import CPU_AND_CUDA, HAS_CUDA, device_for, require_backend
+from _backends import CPU_AND_CUDA, FUSED, HAS_CUDA, device_for, require_backend
 
-BACKENDS = ["reference", "cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+BACKENDS = ["reference", *FUSED]
 
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    name = require_backend(request.param)
+    name = require_backend(request.param, monkeypatch)
     monkeypatch.setattr(tail_mod, "POISON_OUTPUTS", True)
     monkeypatch.setattr(adain_mod, "POISON_OUTPUTS", True)
     return name

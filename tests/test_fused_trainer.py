@@ -16,6 +16,7 @@ from council_fast.fused_trainer import FusedCouncilTrainer, unfused_switches
 from council_fast.parity import dead_parameter_keys, run_iteration, synthetic_batch
 from council_fast.reference import AdaINGen, MsImageDis, MsImageDisCouncil, lsgan_dis_loss, lsgan_gen_loss
 from council_fast.trainer import CouncilTrainer
+from _backends import require_backend
 from _compare import assert_states_close
 
 torch.set_num_threads(2)
@@ -41,12 +42,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------------- stacked networks
 
-def test_stacked_generator_equals_members(config):
+@pytest.mark.parametrize("kernels", ["cpu", "cuda-emulated"])
+def test_stacked_generator_equals_members(config, kernels, monkeypatch):
+    backend = require_backend(kernels, monkeypatch)  # the tail runs on channel slices of the stacked tensor
     n = 3
     members = [AdaINGen(3, config["gen"]) for _ in range(n)]
     for i, m in enumerate(members):
         _randomise(m, i)
-    stacked = StackedAdaINGen(3, config["gen"], n)
+    stacked = StackedAdaINGen(3, config["gen"], n, kernel_backend=backend)
     stacked.load_members([m.state_dict() for m in members])
     gen = torch.Generator().manual_seed(7)
     x = torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1
@@ -81,8 +84,13 @@ def test_stacked_generator_in_float64_uses_plain_pytorch(config):
         assert _rel(out[:, 3 * i:3 * i + 3], m.translate(x, z)) < 1e-12
 
 
-def _assert_as_exact(fused, reference, exact, slack=1.5, floor=1e-6):
-    """fused (fp32) is at most ``slack`` times as far from the float64 result as the fp32 reference is."""
+def _assert_as_exact(fused, reference, exact, slack=2.5, floor=1e-6):
+    """fused (fp32) is at most ``slack`` times as far from the float64 result as the fp32 reference is.
+
+    The slack is what correct kernels need: over 24 random draws of this test's generator the cpu and
+    (emulated) cuda kernels were a median 1.02x and 1.06x as far as the reference, and up to 1.6x and
+    1.8x (the instance norms over 8x8 planes amplify whichever rounding happens). A wrong slice or
+    formula is off by ~1 relative, far beyond."""
     fused, reference = fused.detach().double(), reference.detach().double()
     exact = exact.detach()
     assert _rel(fused, exact) <= slack * _rel(reference, exact) + floor, \

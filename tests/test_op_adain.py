@@ -16,9 +16,8 @@ from council_fast.ops import _backend
 from council_fast.ops import adain as adain_mod
 from council_fast.ops._backend import BackendUnavailable
 from council_fast.ops.adain import adain, adain_reference, instance_norm, instance_norm_reference
-from _backends import HAS_CUDA, device_for, require_backend
+from _backends import FUSED, HAS_CUDA, device_for, require_backend
 
-FUSED = ["cpu", "triton", "cuda"]
 # (B, C, H, W): odd planes, batch 1 and 5, channel counts that are not multiples of any block size.
 SMALL_SHAPES = [(1, 3, 7, 9), (5, 19, 7, 9), (5, 19, 4, 5)]
 # With the shrunk tuning below these planes (561 elements) take the split-reduction path.
@@ -29,7 +28,7 @@ SHRUNK_TRITON = adain_mod.TritonTuning(single_pass_max=128, tile=64, chunk=128)
 
 @pytest.fixture(params=FUSED)
 def backend(request, monkeypatch):
-    name = require_backend(request.param)
+    name = require_backend(request.param, monkeypatch)
     monkeypatch.setattr(adain_mod, "POISON_OUTPUTS", True)
     monkeypatch.setattr(adain_mod, "TRITON_TUNING", SHRUNK_TRITON)
     monkeypatch.setattr(adain_mod, "CUDA_SPLIT_THRESHOLD", 256)

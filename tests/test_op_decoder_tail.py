@@ -12,9 +12,8 @@ import torch
 from council_fast.ops import decoder_tail as tail_mod
 from council_fast.ops.decoder_tail import decoder_tail, decoder_tail_reference
 from council_fast.reference.networks import blend_with_masks
-from _backends import device_for, require_backend
+from _backends import FUSED, device_for, require_backend
 
-FUSED = ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
 # (batch, dim, H, W, output_dim, num_masks, channels_last): odd sizes, dim 19 (no block multiple).
 # (batch, dim, H, W, output_dim, num_masks, channels_last); the last: more masks than channels
 CASES = [(1, 19, 5, 7, 3, 3, False), (5, 19, 3, 5, 3, 1, True), (2, 16, 7, 3, 1, 3, False), (1, 2, 5, 7, 3, 5, False)]
@@ -23,7 +22,7 @@ CASES = [(1, 19, 5, 7, 3, 3, False), (5, 19, 3, 5, 3, 1, True), (2, 16, 7, 3, 1,
 
 @pytest.fixture(params=FUSED)
 def backend(request, monkeypatch):
-    name = require_backend(request.param)
+    name = require_backend(request.param, monkeypatch)
     monkeypatch.setattr(tail_mod, "POISON_OUTPUTS", True)
     return name
 
@@ -79,6 +78,20 @@ def _compare(backend, case, dtype=torch.float32, fwd_tol=1e-5, grad_tol=1e-4, wi
     for name, g, rg, leaf in zip(names, grads, ref_grads, leaves):
         assert g.shape == leaf.shape and g.dtype == dtype, name
         _assert_close(g, rg, grad_tol, f"{backend} grad {name}")
+
+
+def test_wide_tail(backend):
+    """dim 97: on CUDA the fp32 weights (75 KB) take more than the 48 KB of shared memory a kernel gets
+    without opting in (cudaFuncSetAttribute)."""
+    _compare(backend, (1, 97, 3, 5, 3, 2, False))
+
+
+@pytest.mark.parametrize("name", [pytest.param("cuda", marks=pytest.mark.gpu), "cuda-emulated"])
+def test_cuda_tail_too_wide_for_shared_memory_says_so(name, monkeypatch):
+    backend = require_backend(name, monkeypatch)
+    tensors, _ = _inputs(1, 200, 2, 3, 3, 1, False, torch.float32, device_for(backend))
+    with pytest.raises(RuntimeError, match="do not fit in this GPU's shared memory.*use the triton back-end"):
+        decoder_tail(*tensors, 1, backend=backend)
 
 
 def test_reference_matches_published_blend():

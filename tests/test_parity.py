@@ -90,3 +90,15 @@ def test_noise_floor_elements_are_compared_against_lr_not_norm_wise():
     live_difference = torch.tensor([-lr, 0.9 * lr, -lr], dtype=torch.float64)  # a real element differs
     bad = _one_parameter_iteration(grad, grad, before, after_ref, live_difference, lr)
     assert not _check(bad, "parameters (||a-b||").ok
+
+
+def test_parity_passes_with_the_cuda_kernels_emulated(capsys, monkeypatch):
+    """The fused engine on the cuda back-end's kernels (run by the CUDA emulator on the CPU)."""
+    from _backends import require_backend
+    import _cuda_emulator
+
+    monkeypatch.setenv("COUNCIL_FAST_BACKEND", require_backend("cuda-emulated", monkeypatch))
+    before = _cuda_emulator.launches()
+    status, out = _run([], capsys)
+    assert status == 0, out
+    assert _cuda_emulator.launches() > before

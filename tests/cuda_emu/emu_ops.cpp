@@ -1,0 +1,12 @@
+// Operators of the emulator itself: how many kernels it has run, and the seed of its thread order.
+#include "cuda_emu.h"
+
+namespace {
+int64_t launches() { return cf_emu::emulator().launches; }
+void set_seed(int64_t seed) { cf_emu::emulator().rng.seed(static_cast<uint64_t>(seed)); }
+}  // namespace
+
+TORCH_LIBRARY(cuda_emu, m) {
+  m.def("launches() -> int", &launches);
+  m.def("set_seed(int seed) -> ()", &set_seed);
+}
