@@ -362,9 +362,10 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const c10::optional
                                  const at::Tensor& h, const at::Tensor& w1, const at::Tensor& b1,
                                  const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& w3,
                                  const at::Tensor& b3, const at::Tensor& images, int64_t num_masks,
-                                 at::Tensor& grad_h, at::Tensor& grad_img) {
+                                 int64_t max_chunk, at::Tensor& grad_h, at::Tensor& grad_img) {
   check_inputs(h, w1, b1, w2, b2, w3, b3, images, num_masks);
   check_grads(h, images, grad_out, grad_masks, grad_h, grad_img);
+  TORCH_CHECK(max_chunk >= 1, "decoder_tail cuda: max_chunk must be positive, got ", max_chunk);
   const c10::cuda::CUDAGuard guard(h.device());
   auto w = float_weights({w1, b1, w2, b2, w3, b3});
   const int64_t B = h.size(0), HW = h.size(2) * h.size(3), D = h.size(1), N = w3.size(0);
@@ -374,7 +375,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const c10::optional
   at::Tensor gw1 = at::zeros({D, D}, f32), gw2 = at::zeros({D, D}, f32), gw3 = at::zeros({N, D}, f32);
   at::Tensor gb1 = at::zeros({D}, f32), gb2 = at::zeros({D}, f32), gb3 = at::zeros({N}, f32);
   const int64_t total = B * HW;
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(total, int64_t(1) << 20));
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(total, max_chunk));
   at::Tensor xs = at::empty({D, chunk}, f32), r1 = at::empty({D, chunk}, f32), r2 = at::empty({D, chunk}, f32);
   at::Tensor g1 = at::empty({D, chunk}, f32), g2 = at::empty({D, chunk}, f32), g3 = at::empty({N, chunk}, f32);
   const size_t smem = shared_bytes(D, N, h.device());
@@ -415,7 +416,8 @@ TORCH_LIBRARY_FRAGMENT(council_fast_cuda, m) {
   m.def("decoder_tail_forward(Tensor h, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3, "
         "Tensor images, int num_masks, Tensor(a!) out, Tensor(b!) masks) -> ()");
   m.def("decoder_tail_backward(Tensor grad_out, Tensor? grad_masks, Tensor h, Tensor w1, Tensor b1, Tensor w2, "
-        "Tensor b2, Tensor w3, Tensor b3, Tensor images, int num_masks, Tensor(a!) grad_h, Tensor(b!) grad_images) "
+        "Tensor b2, Tensor w3, Tensor b3, Tensor images, int num_masks, int max_chunk, Tensor(a!) grad_h, "
+        "Tensor(b!) grad_images) "
         "-> Tensor[]");  // the six weight and bias gradients
 }
 

@@ -86,6 +86,7 @@ def build(verbose: bool = False) -> str:
             with open(path, "w") as f:
                 f.write(text)
         paths.append(path)
+    _backend.warn_if_build_locked(name)
     cpp_extension.load(name=name, sources=paths, extra_cflags=CFLAGS, extra_include_paths=[EMU_DIR],
                        is_python_module=False, verbose=verbose)
     _built[name] = name

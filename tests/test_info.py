@@ -22,3 +22,20 @@ def test_cached_build_is_none_for_changed_sources(monkeypatch):
     monkeypatch.setattr(_backend, "_cpu_flags", lambda: "a CPU no build was made for")
     monkeypatch.setattr(_backend.torch, "__version__", "0.0.0-never-built")
     assert _backend.cached_build("cpu") is None
+
+
+def test_a_left_over_build_lock_is_named(monkeypatch, tmp_path):
+    """A killed build leaves torch's lock file behind and the next build waits on it for ever: say which file."""
+    import warnings
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(_backend, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _backend.warn_if_build_locked("some_build")
+        assert not caught
+        (tmp_path / "some_build" / "lock").write_text("")
+        _backend.warn_if_build_locked("some_build")
+    assert len(caught) == 1
+    assert f"waiting for {tmp_path / 'some_build' / 'lock'}" in str(caught[0].message)
+    assert "delete that file" in str(caught[0].message)

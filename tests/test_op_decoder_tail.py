@@ -80,6 +80,36 @@ def _compare(backend, case, dtype=torch.float32, fwd_tol=1e-5, grad_tol=1e-4, wi
         _assert_close(g, rg, grad_tol, f"{backend} grad {name}")
 
 
+def test_cuda_backward_in_several_chunks(backend, monkeypatch):
+    """The CUDA backward accumulates the weight gradients chunk by chunk (1 Mi pixels each; here 37)."""
+    monkeypatch.setattr(tail_mod, "CUDA_BACKWARD_CHUNK", 37)
+    _compare(backend, (2, 19, 9, 11, 3, 3, True))
+
+
+def test_triton_backward_halves_its_tiles_when_the_gpu_lacks_room(monkeypatch):
+    """A GPU with less shared memory than the tiles need (Triton raises OutOfResources at launch): the
+    backward retries with half as many pixels per step, down to 16."""
+    from triton.runtime.errors import OutOfResources
+
+    require_backend("triton")
+    monkeypatch.setattr(tail_mod, "POISON_OUTPUTS", True)
+    real, tried = tail_mod._backward_kernel, []
+
+    class SmallGpu:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tried.append(kwargs["BLOCK_P"])
+                if kwargs["BLOCK_P"] > 16:
+                    raise OutOfResources(kwargs["BLOCK_P"] * 4096, 99 * 1024, "shared memory")
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tail_mod, "_backward_kernel", SmallGpu())
+    monkeypatch.setattr(tail_mod, "_backward_block_p", lambda h: 64)
+    _compare("triton", CASES[0])
+    assert tried == [64, 32, 16]
+
+
 def test_wide_tail(backend):
     """dim 97: on CUDA the fp32 weights (75 KB) take more than the 48 KB of shared memory a kernel gets
     without opting in (cudaFuncSetAttribute)."""

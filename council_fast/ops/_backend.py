@@ -21,12 +21,13 @@ import glob
 import hashlib
 import os
 import threading
+import time
 import warnings
 
 import torch
 
 __all__ = ["BACKENDS", "BackendUnavailable", "resolve_backend", "load_extension", "cached_build", "triton_available",
-           "triton_interpreted", "strict_mode", "csrc_dir"]
+           "triton_interpreted", "strict_mode", "csrc_dir", "warn_if_build_locked"]
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 # No --use_fast_math: it turns tanhf into tanh.approx.f32 (~5e-4 relative error), far outside the
@@ -127,6 +128,7 @@ def _build(kind: str, verbose: bool):
         pass
     from torch.utils import cpp_extension
     name, sources, cflags = _build_spec(kind)
+    warn_if_build_locked(name)
     kwargs = dict(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp"], verbose=verbose)
     if kind == "cuda":
         kwargs["extra_cuda_cflags"] = CUDA_FLAGS
@@ -148,6 +150,18 @@ def _build_spec(kind: str) -> tuple[str, list[str], list[str]]:
     digest.update(torch.__version__.encode())
     digest.update(" ".join(cflags + (CUDA_FLAGS if kind == "cuda" else [])).encode())
     return f"council_fast_{kind}_{digest.hexdigest()[:12]}", sources, cflags
+
+
+def warn_if_build_locked(name: str) -> None:
+    """torch's extension tooling waits, without a word, for the lock file of a build in progress; a build
+    that was killed leaves that file behind, and the wait never ends. Say which file it is."""
+    from torch.utils import cpp_extension
+
+    lock = os.path.join(cpp_extension._get_build_directory(name, verbose=False), "lock")
+    if os.path.exists(lock):
+        minutes = (time.time() - os.path.getmtime(lock)) / 60
+        _warn_once(f"council-fast: waiting for {lock} ({minutes:.0f} min old): another process is building {name}, "
+                   "or a build was interrupted; if no build is running, delete that file")
 
 
 def cached_build(kind: str) -> str | None:

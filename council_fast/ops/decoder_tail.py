@@ -134,6 +134,10 @@ def _decoder_tail_bwd(grad_out: torch.Tensor, grad_masks: torch.Tensor | None, h
     if backend == "triton":
         weights = _triton_backward(grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3, images, num_masks,
                                    grad_h, grad_img)
+    elif backend == "cuda":
+        weights = _extension_ops(backend).decoder_tail_backward(grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3,
+                                                                images, num_masks, CUDA_BACKWARD_CHUNK, grad_h,
+                                                                grad_img)
     else:
         weights = _extension_ops(backend).decoder_tail_backward(grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3,
                                                                 images, num_masks, grad_h, grad_img)
@@ -165,6 +169,9 @@ _decoder_tail_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # Tests set this: fused outputs start as NaN, so an element a kernel forgets to write shows up.
 POISON_OUTPUTS = False
+# Pixels per chunk of the CUDA backward: its fp32 buffers hold (3 dim + raw channels) values per pixel
+# of a chunk (at dim 64, 1 Mi pixels: ~0.8 GB). Batch 32 at 256x256 takes two chunks.
+CUDA_BACKWARD_CHUNK = 1 << 20
 
 
 def _new_output(shape, like):
@@ -354,6 +361,26 @@ def _block_p(h):
     return 16 if triton_interpreted() else 64
 
 
+def _backward_block_p(h):
+    # Pixels per step of the backward on a GPU: at 64, sm_90 compiles (Triton 3.9, `python -m
+    # council_fast.ops.triton_check`) the fp32 kernel with a 10 KB stack per thread and 185 KB of
+    # shared memory, more than an A100 has; at 32 it spills ~1 KB and takes 145 KB (fp32) or 44 KB (bf16).
+    return 16 if triton_interpreted() else 32
+
+
+def _halving_on_out_of_resources(launch, block_p: int, smallest: int = 16):
+    """launch(block_p), halving block_p while the GPU lacks the shared memory or registers for it."""
+    from triton.runtime.errors import OutOfResources
+
+    while True:
+        try:
+            return launch(block_p)
+        except OutOfResources:
+            if block_p // 2 < smallest:
+                raise
+            block_p //= 2
+
+
 @triton_launch
 def _triton_forward(h, w1, b1, w2, b2, w3, b3, images, num_masks, out, masks):
     batch, dim, height, width = h.shape
@@ -370,23 +397,21 @@ def _triton_backward(grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3, images, nu
     batch, dim, height, width = h.shape
     hw = height * width
     n_raw = w3.shape[0]
-    block_p = _block_p(h)
-    blocks_per_image = triton.cdiv(hw, block_p)
-    total = blocks_per_image * batch
-    if h.device.type == "cuda":
-        programs = min(total, 4 * torch.cuda.get_device_properties(h.device).multi_processor_count)
-    else:
-        programs = min(total, 4)
-    f32 = dict(dtype=torch.float32, device=h.device)
-    pw1, pw2 = torch.empty((programs, dim, dim), **f32), torch.empty((programs, dim, dim), **f32)
-    pw3 = torch.empty((programs, n_raw, dim), **f32)
-    pb1, pb2, pb3 = (torch.empty((programs, dim), **f32), torch.empty((programs, dim), **f32),
-                     torch.empty((programs, n_raw), **f32))
+    most_programs = 4 * torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 4
     gmask = grad_masks if grad_masks is not None else grad_out  # never read when HAS_GMASK is False
-    _backward_kernel[(programs,)](
-        grad_out, gmask, h, w1, b1, w2, b2, w3, b3, images, grad_h, grad_img, pw1, pb1, pw2, pb2, pw3, pb3,
-        hw, dim, n_raw, blocks_per_image, total, *_pixel_strides(h), *_pixel_strides(images),
-        *_pixel_strides(grad_h), *_pixel_strides(grad_img), HAS_GMASK=grad_masks is not None,
-        BLOCK_P=block_p, **_triton_sizes(h, images, w3, num_masks), num_warps=8 if h.device.type == "cuda" else 4)
-    return [part.sum(0).to(ref.dtype) for part, ref in ((pw1, w1), (pb1, b1), (pw2, w2), (pb2, b2),
-                                                        (pw3, w3), (pb3, b3))]
+
+    def launch(block_p):
+        blocks_per_image = triton.cdiv(hw, block_p)
+        total = blocks_per_image * batch
+        programs = min(total, most_programs)
+        f32 = dict(dtype=torch.float32, device=h.device)
+        partials = [torch.empty((programs, *t.shape), **f32) for t in (w1, b1, w2, b2, w3, b3)]
+        _backward_kernel[(programs,)](
+            grad_out, gmask, h, w1, b1, w2, b2, w3, b3, images, grad_h, grad_img, *partials,
+            hw, dim, n_raw, blocks_per_image, total, *_pixel_strides(h), *_pixel_strides(images),
+            *_pixel_strides(grad_h), *_pixel_strides(grad_img), HAS_GMASK=grad_masks is not None,
+            BLOCK_P=block_p, **_triton_sizes(h, images, w3, num_masks), num_warps=4 if triton_interpreted() else 8)
+        return partials
+
+    partials = _halving_on_out_of_resources(launch, _backward_block_p(h))
+    return [part.sum(0).to(ref.dtype) for part, ref in zip(partials, (w1, b1, w2, b2, w3, b3))]
