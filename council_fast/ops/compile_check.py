@@ -2,17 +2,21 @@
 
 ``python -m council_fast.ops.compile_check --arch 80 90`` runs nvcc on each csrc/*_cuda.cu with
 torch's include paths and ABI flags, exactly as the JIT build would, and exits non-zero on the
-first error. CI uses it to keep the CUDA kernels compiling on machines that cannot run them.
+first error. CI uses it to keep the CUDA kernels compiling on machines that cannot run them. It
+also prints what ptxas reports per architecture (registers, stack frames) and names every kernel
+that spills or keeps a stack frame of 1 KB or more.
 """
 from __future__ import annotations
 
 import argparse
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 
 from ._backend import csrc_dir
 
@@ -56,6 +60,59 @@ def nvcc_command(source: str, archs: list[str], output: str, extra_includes: tup
     return cmd
 
 
+@dataclass
+class KernelResources:
+    name: str
+    arch: str
+    registers: int = 0
+    stack: int = 0
+    spill_stores: int = 0
+
+
+def parse_ptxas_report(text: str) -> list[KernelResources]:
+    """The per-kernel lines of ``ptxas -v`` (registers, stack frame, spills)."""
+    kernels: list[KernelResources] = []
+    current: KernelResources | None = None
+    for line in text.splitlines():
+        entry = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line)
+        if entry:
+            current = KernelResources(entry.group(1), entry.group(2))
+            kernels.append(current)
+            continue
+        if current is None:
+            continue
+        frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", line)
+        if frame:
+            current.stack, current.spill_stores = int(frame.group(1)), int(frame.group(2))
+        used = re.search(r"Used (\d+) registers", line)
+        if used:
+            current.registers = int(used.group(1))
+    return kernels
+
+
+def _demangle(names: list[str]) -> list[str]:
+    try:
+        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+        return out.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return names
+
+
+def report_resources(kernels: list[KernelResources], stack_worth_naming: int = 1024) -> str:
+    """One summary line per architecture, plus each kernel that spills or has a large stack frame."""
+    lines = []
+    for arch in sorted({k.arch for k in kernels}):
+        mine = [k for k in kernels if k.arch == arch]
+        lines.append(f"  {arch}: {len(mine)} kernels, at most {max(k.registers for k in mine)} registers, "
+                     f"largest stack frame {max(k.stack for k in mine)} B, "
+                     f"{sum(k.spill_stores > 0 for k in mine)} spilling")
+        heavy = [k for k in mine if k.spill_stores > 0 or k.stack >= stack_worth_naming]
+        for k, name in zip(heavy, _demangle([k.name for k in heavy])):
+            short = re.sub(r"\(.*", "", name.replace("(anonymous namespace)::", ""))
+            lines.append(f"    {short}: {k.registers} registers, {k.stack} B stack, {k.spill_stores} B spilled")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", nargs="+", default=["80", "90"], help="SM architectures (default: 80 90)")
@@ -72,10 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         for source in sources:
             out = os.path.join(tmp, os.path.basename(source) + ".o")
             print(f"nvcc {os.path.basename(source)} for sm_{', sm_'.join(args.arch)}", flush=True)
-            result = subprocess.run(nvcc_command(source, args.arch, out, (shims,)), capture_output=True, text=True)
+            command = nvcc_command(source, args.arch, out, (shims,)) + ["-Xptxas", "-v"]
+            result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
                 print(result.stdout + result.stderr, file=sys.stderr)
                 return 1
+            kernels = parse_ptxas_report(result.stdout + result.stderr)
+            if kernels:
+                print(report_resources(kernels), flush=True)
     print(f"compiled {len(sources)} CUDA source(s)")
     return 0
 
