@@ -35,8 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def tune_cudnn() -> None:
+    """The commands run static shapes: cuDNN may time its convolution algorithms once per shape and keep
+    the fastest (torch.backends.cudnn.benchmark). COUNCIL_FAST_CUDNN_BENCHMARK=0 keeps torch's heuristics."""
+    import os
+
+    import torch
+
+    if os.environ.get("COUNCIL_FAST_CUDNN_BENCHMARK", "1") != "0":
+        torch.backends.cudnn.benchmark = True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_cudnn()
     try:
         return int(args._module.run(args) or 0)
     except KeyboardInterrupt:

@@ -24,6 +24,15 @@ def exact_fp32_on_cuda():
     yield
 
 
+@pytest.fixture(autouse=True)
+def restore_cudnn_benchmark():
+    """`council-fast` commands turn cuDNN autotuning on for the process; a test that runs one must not
+    change the algorithms of the tests after it."""
+    before = torch.backends.cudnn.benchmark
+    yield
+    torch.backends.cudnn.benchmark = before
+
+
 @pytest.fixture
 def tiny_config() -> dict:
     """A fresh copy of the packaged 'tiny' config (safe to modify)."""

@@ -39,3 +39,15 @@ def test_a_left_over_build_lock_is_named(monkeypatch, tmp_path):
     assert len(caught) == 1
     assert f"waiting for {tmp_path / 'some_build' / 'lock'}" in str(caught[0].message)
     assert "delete that file" in str(caught[0].message)
+
+
+def test_commands_let_cudnn_pick_the_fastest_algorithms(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setenv("COUNCIL_FAST_CUDNN_BENCHMARK", "0")
+    assert main(["info"]) == 0
+    assert torch.backends.cudnn.benchmark is False
+    monkeypatch.delenv("COUNCIL_FAST_CUDNN_BENCHMARK")
+    assert main(["info"]) == 0
+    assert torch.backends.cudnn.benchmark is True
