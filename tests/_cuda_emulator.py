@@ -34,8 +34,29 @@ _STATIC_SHARED = re.compile(r"__shared__\s+([\w:<>]+)\s+(\w+)\s*((?:\[[^\]]*\])*
 _CUDA_INCLUDE = re.compile(r"^\s*#\s*include\s*<(?:c10/cuda/|cuda)[^>]*>\s*$", re.M)
 
 
+def _without_comments(source: str) -> str:
+    return re.sub(r"//[^\n]*|/\*.*?\*/", lambda m: " " * len(m.group()), source, flags=re.S)
+
+
+def _inside_a_function(code: str, position: int) -> bool:
+    """Whether ``position`` lies in a function body: some open brace before it follows a ``)``
+    (a function, a loop or a branch), not a namespace or type name."""
+    opened = []
+    for i, c in enumerate(code[:position]):
+        if c == "{":
+            opened.append(i)
+        elif c == "}" and opened:
+            opened.pop()
+    return any(code[:i].rstrip().endswith(")") for i in opened)
+
+
 def rewrite(source: str) -> str:
     """The emulator's C++ version of one .cu file."""
+    code = _without_comments(source)
+    for m in re.finditer(r"__shared__", code):
+        if not _inside_a_function(code, m.start()):
+            line = source.count("\n", 0, m.start()) + 1
+            raise RuntimeError(f"cuda emulator: __shared__ outside a function (line {line}) is not supported")
     out = _CUDA_INCLUDE.sub("", source)
     out = _LAUNCH.sub(lambda m: f"::cf_emu::launch({m.group(1)}, {m.group(2)})(", out)
     out = _DYNAMIC_SHARED.sub(lambda m: f"{m.group(1)}* {m.group(2)} = ::cf_emu::dynamic_shared<{m.group(1)}>();", out)
@@ -86,7 +107,7 @@ def build(verbose: bool = False) -> str:
             with open(path, "w") as f:
                 f.write(text)
         paths.append(path)
-    _backend.warn_if_build_locked(name)
+    _backend.wait_for_build_lock(name)
     cpp_extension.load(name=name, sources=paths, extra_cflags=CFLAGS, extra_include_paths=[EMU_DIR],
                        is_python_module=False, verbose=verbose)
     _built[name] = name

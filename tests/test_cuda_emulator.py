@@ -62,6 +62,25 @@ def test_warp_shuffles(selftest):
     assert torch.equal(down_sums[[0, 32]], warp_totals)
 
 
+def _shuffle_source(kind, lane, arg, width):
+    """The lane each lane reads, as the CUDA programming guide defines the shuffles."""
+    first = lane - lane % width
+    if kind == 0:  # xor: a later group of lanes is out of reach
+        return lane if (lane ^ arg) >= first + width else lane ^ arg
+    if kind == 1:  # down: past the end of the group, the lane's own value
+        return lane + arg if lane % width + arg < width else lane
+    return first + arg % width
+
+
+@pytest.mark.parametrize("kind, arg, width", [(0, 1, 32), (0, 16, 16), (0, 5, 8), (0, 24, 32), (1, 3, 32),
+                                              (1, 4, 8), (1, 16, 16), (2, 7, 32), (2, 19, 16), (2, 3, 4)])
+def test_every_lane_of_a_shuffle(selftest, kind, arg, width):
+    out = _nan(64)
+    selftest.shuffle(out, kind, arg, width)
+    expected = [float(32 * (t // 32) + _shuffle_source(kind, t % 32, arg, width)) for t in range(64)]
+    assert out.tolist() == expected
+
+
 def test_divergent_barrier_is_a_deadlock(selftest):
     with pytest.raises(RuntimeError, match="deadlock.*divergent __syncthreads"):
         selftest.divergent_barrier(_nan(32))
@@ -86,6 +105,21 @@ def test_dynamic_shared_memory_limit(selftest):
     out = _nan(2)
     selftest.dynamic_shared(large, out, True)
     torch.testing.assert_close(out, large.sum(1), rtol=1e-5, atol=1e-3)  # 20,000 terms summed in another order
+
+
+def test_static_and_dynamic_shared_memory_share_one_limit(selftest):
+    out = _nan(32)
+    selftest.mixed_shared(out, 16 * 1024)  # 16 KB static + 16 KB dynamic: fits in 48 KB
+    assert torch.equal(out, torch.full((32,), 3.0))
+    with pytest.raises(RuntimeError, match="16384 bytes of static and 40960 of dynamic shared memory: more than "
+                                           "the 49152 a block gets without cudaFuncSetAttribute"):
+        selftest.mixed_shared(_nan(32), 40 * 1024)
+
+
+def test_rewrite_refuses_file_scope_shared_memory():
+    with pytest.raises(RuntimeError, match="__shared__ outside a function"):
+        emu.rewrite("namespace {\n__shared__ float table[32];\n__global__ void k(float* o) { o[0] = table[0]; }\n}\n")
+    assert "shared_var" in emu.rewrite("__global__ void k(float* o) {\n  __shared__ float t[32];\n  o[0] = t[0];\n}\n")
 
 
 def test_launch_geometry(selftest):

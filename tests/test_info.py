@@ -24,21 +24,27 @@ def test_cached_build_is_none_for_changed_sources(monkeypatch):
     assert _backend.cached_build("cpu") is None
 
 
-def test_a_left_over_build_lock_is_named(monkeypatch, tmp_path):
-    """A killed build leaves torch's lock file behind and the next build waits on it for ever: say which file."""
-    import warnings
+def test_a_left_over_build_lock_is_named_not_waited_on_for_ever(monkeypatch, tmp_path, capsys):
+    """A killed build leaves torch's lock file behind, and torch would wait on it for ever."""
+    import os
+    import threading
+    import time
+
+    import pytest
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    monkeypatch.setattr(_backend, "_warned", set())
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _backend.warn_if_build_locked("some_build")
-        assert not caught
-        (tmp_path / "some_build" / "lock").write_text("")
-        _backend.warn_if_build_locked("some_build")
-    assert len(caught) == 1
-    assert f"waiting for {tmp_path / 'some_build' / 'lock'}" in str(caught[0].message)
-    assert "delete that file" in str(caught[0].message)
+    _backend.wait_for_build_lock("some_build")  # no lock: returns at once
+    lock = tmp_path / "some_build" / "lock"
+    lock.write_text("")
+    threading.Timer(0.3, lock.unlink).start()  # a build that finishes
+    _backend.wait_for_build_lock("some_build", poll_s=0.05)
+    assert f"waiting for {lock}" in capsys.readouterr().err
+    lock.write_text("")
+    hour_ago = time.time() - 3600
+    os.utime(lock, (hour_ago, hour_ago))
+    with pytest.raises(_backend.BackendUnavailable, match=r"60 minutes old: a build of some_build was "
+                                                          r"interrupted; delete that file"):
+        _backend.wait_for_build_lock("some_build")
 
 
 def test_commands_let_cudnn_pick_the_fastest_algorithms(monkeypatch, capsys):

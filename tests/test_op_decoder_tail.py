@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from council_fast.ops import decoder_tail as tail_mod
+from council_fast.ops._backend import BackendUnavailable
 from council_fast.ops.decoder_tail import decoder_tail, decoder_tail_reference
 from council_fast.reference.networks import blend_with_masks
 from _backends import FUSED, device_for, require_backend
@@ -80,34 +81,34 @@ def _compare(backend, case, dtype=torch.float32, fwd_tol=1e-5, grad_tol=1e-4, wi
         _assert_close(g, rg, grad_tol, f"{backend} grad {name}")
 
 
-def test_cuda_backward_in_several_chunks(backend, monkeypatch):
-    """The CUDA backward accumulates the weight gradients chunk by chunk (1 Mi pixels each; here 37)."""
+@pytest.mark.parametrize("name", [pytest.param("cuda", marks=pytest.mark.gpu), "cuda-emulated"])
+def test_cuda_backward_in_several_chunks(name, monkeypatch):
+    """The CUDA backward accumulates the weight gradients chunk by chunk (256 Ki pixels each; here 37)."""
+    backend = require_backend(name, monkeypatch)
+    monkeypatch.setattr(tail_mod, "POISON_OUTPUTS", True)
     monkeypatch.setattr(tail_mod, "CUDA_BACKWARD_CHUNK", 37)
     _compare(backend, (2, 19, 9, 11, 3, 3, True))
 
 
-def test_triton_backward_halves_its_tiles_when_the_gpu_lacks_room(monkeypatch):
-    """A GPU with less shared memory than the tiles need (Triton raises OutOfResources at launch): the
-    backward retries with half as many pixels per step, down to 16."""
+def test_triton_backward_too_big_for_the_gpu_says_what_to_use(monkeypatch):
+    """A GPU with less shared memory than the backward needs (Triton raises OutOfResources at launch, as
+    sm_86/89 would for fp32): the error names the back-end and precision that fit."""
     from triton.runtime.errors import OutOfResources
 
     require_backend("triton")
-    monkeypatch.setattr(tail_mod, "POISON_OUTPUTS", True)
-    real, tried = tail_mod._backward_kernel, []
 
     class SmallGpu:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                tried.append(kwargs["BLOCK_P"])
-                if kwargs["BLOCK_P"] > 16:
-                    raise OutOfResources(kwargs["BLOCK_P"] * 4096, 99 * 1024, "shared memory")
-                return real[grid](*args, **kwargs)
+                raise OutOfResources(129920, 101376, "shared memory")
             return launch
 
     monkeypatch.setattr(tail_mod, "_backward_kernel", SmallGpu())
-    monkeypatch.setattr(tail_mod, "_backward_block_p", lambda h: 64)
-    _compare("triton", CASES[0])
-    assert tried == [64, 32, 16]
+    tensors, (g_out, _) = _inputs(1, 19, 5, 7, 3, 3, False, torch.float32, "cpu")
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    out, _ = decoder_tail(*leaves, 3, backend="triton")
+    with pytest.raises(BackendUnavailable, match=r"does not fit this GPU .*use the cuda back-end or bf16"):
+        out.backward(g_out)
 
 
 def test_wide_tail(backend):

@@ -42,7 +42,15 @@ def test_a_kernel_over_the_shared_memory_limit_fails_the_check():
         t = torch.zeros(128, 128)
         launch = describe_launch(tile_dot_kernel, (t, t, t), {"BLOCK": 128, "num_warps": 4})
         assert launch.signature == {"a_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32", "BLOCK": "constexpr"}
+        assert launch.divisible == (0, 1, 2)  # 128x128 fp32 buffers: 16-byte aligned
         assert launch.constexprs == {"BLOCK": 128} and launch.options == {"num_warps": 4}
+        for bad_args, bad_kwargs, error in (((t, t), {"BLOCK": 128}, TypeError),  # as a real launch would
+                                            ((t, t, t), {"BLOCK": 128, "BLOKC": 1}, KeyError)):
+            try:
+                describe_launch(tile_dot_kernel, bad_args, bad_kwargs)
+                sys.exit(3)
+            except error:
+                pass
         sys.exit(check({launch.key(): launch}, ["86", "90"]))
     """)
     result = _run(["-c", script], timeout=300)

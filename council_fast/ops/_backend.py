@@ -27,7 +27,7 @@ import warnings
 import torch
 
 __all__ = ["BACKENDS", "BackendUnavailable", "resolve_backend", "load_extension", "cached_build", "triton_available",
-           "triton_interpreted", "strict_mode", "csrc_dir", "warn_if_build_locked"]
+           "triton_interpreted", "strict_mode", "csrc_dir", "wait_for_build_lock"]
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 # No --use_fast_math: it turns tanhf into tanh.approx.f32 (~5e-4 relative error), far outside the
@@ -128,7 +128,7 @@ def _build(kind: str, verbose: bool):
         pass
     from torch.utils import cpp_extension
     name, sources, cflags = _build_spec(kind)
-    warn_if_build_locked(name)
+    wait_for_build_lock(name)
     kwargs = dict(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp"], verbose=verbose)
     if kind == "cuda":
         kwargs["extra_cuda_cflags"] = CUDA_FLAGS
@@ -152,16 +152,25 @@ def _build_spec(kind: str) -> tuple[str, list[str], list[str]]:
     return f"council_fast_{kind}_{digest.hexdigest()[:12]}", sources, cflags
 
 
-def warn_if_build_locked(name: str) -> None:
-    """torch's extension tooling waits, without a word, for the lock file of a build in progress; a build
-    that was killed leaves that file behind, and the wait never ends. Say which file it is."""
+def wait_for_build_lock(name: str, stale_after_s: float = 1800.0, poll_s: float = 1.0) -> None:
+    """torch's extension tooling waits, without a word and without end, for the lock file of a build in
+    progress; a killed build leaves that file behind. Wait here instead, saying so, and give up with an
+    error naming the file once it is older than any real build (30 minutes)."""
+    import sys
     from torch.utils import cpp_extension
 
     lock = os.path.join(cpp_extension._get_build_directory(name, verbose=False), "lock")
     if os.path.exists(lock):
-        minutes = (time.time() - os.path.getmtime(lock)) / 60
-        _warn_once(f"council-fast: waiting for {lock} ({minutes:.0f} min old): another process is building {name}, "
-                   "or a build was interrupted; if no build is running, delete that file")
+        print(f"council-fast: waiting for {lock}: another process is building {name}", file=sys.stderr, flush=True)
+    while os.path.exists(lock):
+        try:
+            age = time.time() - os.path.getmtime(lock)
+        except OSError:  # removed between the two calls
+            break
+        if age > stale_after_s:
+            raise BackendUnavailable(f"{lock} is {age / 60:.0f} minutes old: a build of {name} was interrupted; "
+                                     "delete that file and try again")
+        time.sleep(poll_s)
 
 
 def cached_build(kind: str) -> str | None:

@@ -73,16 +73,21 @@ def parse_ptxas_report(text: str) -> list[KernelResources]:
     """The per-kernel lines of ``ptxas -v`` (registers, stack frame, spills)."""
     kernels: list[KernelResources] = []
     current: KernelResources | None = None
+    properties_of: str | None = None  # the function a "Function properties" block describes
     for line in text.splitlines():
         entry = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line)
         if entry:
             current = KernelResources(entry.group(1), entry.group(2))
             kernels.append(current)
             continue
+        properties = re.search(r"Function properties for (\S+)", line)
+        if properties:
+            properties_of = properties.group(1)
+            continue
         if current is None:
             continue
         frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", line)
-        if frame:
+        if frame and properties_of == current.name:  # not a device function's own block
             current.stack, current.spill_stores = int(frame.group(1)), int(frame.group(2))
         used = re.search(r"Used (\d+) registers", line)
         if used:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import load_extension, resolve_backend, triton_interpreted, triton_launch
+from ._backend import BackendUnavailable, load_extension, resolve_backend, triton_interpreted, triton_launch
 
 __all__ = ["decoder_tail", "decoder_tail_reference"]
 
@@ -169,9 +169,9 @@ _decoder_tail_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 # Tests set this: fused outputs start as NaN, so an element a kernel forgets to write shows up.
 POISON_OUTPUTS = False
-# Pixels per chunk of the CUDA backward: its fp32 buffers hold (3 dim + raw channels) values per pixel
-# of a chunk (at dim 64, 1 Mi pixels: ~0.8 GB). Batch 32 at 256x256 takes two chunks.
-CUDA_BACKWARD_CHUNK = 1 << 20
+# Pixels per chunk of the CUDA backward: its fp32 buffers hold 5 dim + raw channels values per pixel of
+# a chunk (at dim 64 and 12 raw channels, 256 Ki pixels: 348 MB). Batch 32 at 256x256 takes 8 chunks.
+CUDA_BACKWARD_CHUNK = 1 << 18
 
 
 def _new_output(shape, like):
@@ -362,23 +362,23 @@ def _block_p(h):
 
 
 def _backward_block_p(h):
-    # Pixels per step of the backward on a GPU: at 64, sm_90 compiles (Triton 3.9, `python -m
-    # council_fast.ops.triton_check`) the fp32 kernel with a 10 KB stack per thread and 185 KB of
-    # shared memory, more than an A100 has; at 32 it spills ~1 KB and takes 145 KB (fp32) or 44 KB (bf16).
+    # Pixels per step of the backward on a GPU. Compiled for sm_90 (Triton 3.9, `python -m
+    # council_fast.ops.triton_check`), fp32 at 64: a 9.8 KB stack per thread and 186 KB of shared
+    # memory, more than an A100 has; at 32: 0.9 KB and 146 KB (bf16: 48 B and 78 KB). The fp32 weight
+    # tiles dominate: even 16 pixels need 127 KB, over the 99 KB of sm_86/89.
     return 16 if triton_interpreted() else 32
 
 
-def _halving_on_out_of_resources(launch, block_p: int, smallest: int = 16):
-    """launch(block_p), halving block_p while the GPU lacks the shared memory or registers for it."""
+def _explain_out_of_resources(launch, h):
+    """launch(), with a GPU's OutOfResources turned into an error that says what to use instead."""
     from triton.runtime.errors import OutOfResources
 
-    while True:
-        try:
-            return launch(block_p)
-        except OutOfResources:
-            if block_p // 2 < smallest:
-                raise
-            block_p //= 2
+    try:
+        return launch()
+    except OutOfResources as e:
+        raise BackendUnavailable(
+            f"decoder_tail triton backward ({h.dtype}, dim {h.shape[1]}) does not fit this GPU ({e}); "
+            "use the cuda back-end or bf16") from e
 
 
 @triton_launch
@@ -400,7 +400,8 @@ def _triton_backward(grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3, images, nu
     most_programs = 4 * torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 4
     gmask = grad_masks if grad_masks is not None else grad_out  # never read when HAS_GMASK is False
 
-    def launch(block_p):
+    def launch():
+        block_p = _backward_block_p(h)
         blocks_per_image = triton.cdiv(hw, block_p)
         total = blocks_per_image * batch
         programs = min(total, most_programs)
@@ -413,5 +414,5 @@ def _triton_backward(grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3, images, nu
             BLOCK_P=block_p, **_triton_sizes(h, images, w3, num_masks), num_warps=4 if triton_interpreted() else 8)
         return partials
 
-    partials = _halving_on_out_of_resources(launch, _backward_block_p(h))
+    partials = _explain_out_of_resources(launch, h)
     return [part.sum(0).to(ref.dtype) for part, ref in zip(partials, (w1, b1, w2, b2, w3, b3))]

@@ -7,15 +7,20 @@
 // of its block (or warp) has reached it. Ready fibers run in a seeded random order, so code that
 // reads another thread's shared-memory write without a barrier between them sees stale data in
 // some runs. Shared memory starts each block filled with 0xFF bytes (NaN floats), as GPU shared
-// memory holds garbage. Threads that have returned count as arrived at __syncthreads, as on current
-// GPUs. Threads that wait for each other at different barriers (a deadlock: part of a warp at
-// __syncthreads, the rest at a shuffle), a shuffle with a lane that left, too much shared memory, or
-// a launch the GPU would refuse raise an error naming it. Not modelled: the memory model,
-// out-of-bounds global accesses, timing.
+// memory holds garbage. Blocks run one at a time, in a random order too. Each launch starts from the
+// same seed (cuda_emu::set_seed), so a failure reproduces whatever ran before. Threads that have
+// returned count as arrived at __syncthreads, as on current GPUs. Threads that wait for each other at
+// different barriers (a deadlock: part of a warp at __syncthreads, the rest at a shuffle), a shuffle
+// with a lane that left, more shared memory than a block gets (48 KB static + dynamic without
+// cudaFuncSetAttribute, 227 KB with it), or a launch the GPU would refuse raise an error naming it.
+// A thread that overflows its 1 MB stack hits a guard page (a crash, not silent corruption).
+// Not modelled: the memory model, out-of-bounds global accesses, __launch_bounds__, timing.
 #pragma once
 
 #include <torch/extension.h>
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -88,7 +93,7 @@ constexpr unsigned kMaxThreads = 1024;
 constexpr size_t kStaticSharedLimit = 48 * 1024;
 constexpr size_t kDefaultDynamicLimit = 48 * 1024;
 constexpr int kOptinSharedLimit = 232448;  // an H100's cudaDevAttrMaxSharedMemoryPerBlockOptin
-constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kStackBytes = 1024 * 1024;  // a GPU allows up to 512 KB of local memory per thread
 
 enum class State { kReady, kBlockBarrier, kWarpBarrier, kDone };
 
@@ -111,7 +116,10 @@ struct Emulator {
   std::unordered_map<const void*, std::unique_ptr<unsigned char[]>> static_shared;
   size_t static_shared_bytes = 0;
   std::unordered_map<const void*, int> dynamic_limit;  // raised by cudaFuncSetAttribute, per kernel
+  size_t dynamic_bytes = 0;  // of the running launch
+  size_t shared_limit = 0;   // static + dynamic bytes the running launch may use
   std::string error;
+  uint64_t seed = 0;
   std::mt19937_64 rng{0};
   int64_t launches = 0;
 };
@@ -190,9 +198,13 @@ inline void run_block(int threads) {
   Emulator& e = emulator();
   for (int i = 0; i < threads; ++i) {
     Fiber& f = e.fibers[i];
-    if (!f.stack) {
-      f.stack = static_cast<char*>(std::malloc(kStackBytes));
-      TORCH_CHECK(f.stack, "cuda emulator: out of memory for thread stacks");
+    if (!f.stack) {  // a guard page below each stack: an overflow faults instead of corrupting a neighbour
+      const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+      void* mem = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                       -1, 0);
+      TORCH_CHECK(mem != MAP_FAILED, "cuda emulator: out of memory for thread stacks");
+      mprotect(mem, page, PROT_NONE);
+      f.stack = static_cast<char*>(mem) + page;
     }
     getcontext(&f.context);
     f.context.uc_stack.ss_sp = f.stack;
@@ -236,24 +248,28 @@ inline void run(const void* kernel, dim3 grid, dim3 block, size_t dynamic_bytes,
   TORCH_CHECK(dynamic_bytes <= limit, "cuda emulator: the launch asks for ", dynamic_bytes,
               " bytes of dynamic shared memory, the kernel allows ", limit,
               " (raise it with cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize))");
+  e.dynamic_bytes = dynamic_bytes;
+  e.shared_limit = raised == e.dynamic_limit.end() ? kDefaultDynamicLimit : size_t(kOptinSharedLimit);
+  e.rng.seed(e.seed);
   e.error.clear();
   e.body = &body;
   e.fibers.resize(std::max<size_t>(e.fibers.size(), threads));
   gridDim = grid;
   blockDim = block;
   ++e.launches;
+  std::vector<uint3> blocks;  // run in a random order: a block may not rely on another having run
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = {x, y, z};
-        e.dynamic_shared.assign(dynamic_bytes + 16, 0xFF);
-        e.static_shared.clear();
-        e.static_shared_bytes = 0;
-        run_block(static_cast<int>(threads));
-        TORCH_CHECK(e.error.empty(), "cuda emulator: ", e.error, " (block ", x, ", ", y, ", ", z, ")");
-      }
-  TORCH_CHECK(e.static_shared_bytes + dynamic_bytes <= size_t(kOptinSharedLimit),
-              "cuda emulator: ", e.static_shared_bytes + dynamic_bytes, " bytes of shared memory per block");
+      for (unsigned x = 0; x < grid.x; ++x) blocks.push_back({x, y, z});
+  std::shuffle(blocks.begin(), blocks.end(), e.rng);
+  for (const uint3& b : blocks) {
+    blockIdx = b;
+    e.dynamic_shared.assign(dynamic_bytes + 16, 0xFF);
+    e.static_shared.clear();
+    e.static_shared_bytes = 0;
+    run_block(static_cast<int>(threads));
+    TORCH_CHECK(e.error.empty(), "cuda emulator: ", e.error, " (block ", b.x, ", ", b.y, ", ", b.z, ")");
+  }
 }
 
 // kernel<<<grid, block, bytes, stream>>>(args...) is rewritten as launch(kernel, grid, block, bytes, stream)(args...).
@@ -291,8 +307,11 @@ T& shared_var(const void* tag) {
     auto buffer = std::make_unique<unsigned char[]>(sizeof(T) + 16);
     std::memset(buffer.get(), 0xFF, sizeof(T) + 16);
     e.static_shared_bytes += sizeof(T);
-    if (e.static_shared_bytes > kStaticSharedLimit)
-      fail("more than 48 KB of static shared memory per block");
+    if (e.static_shared_bytes > kStaticSharedLimit) fail("more than 48 KB of static shared memory per block");
+    if (e.static_shared_bytes + e.dynamic_bytes > e.shared_limit)
+      fail(std::to_string(e.static_shared_bytes) + " bytes of static and " + std::to_string(e.dynamic_bytes) +
+           " of dynamic shared memory: more than the " + std::to_string(e.shared_limit) + " a block gets" +
+           (e.shared_limit == kDefaultDynamicLimit ? " without cudaFuncSetAttribute" : ""));
     found = e.static_shared.emplace(tag, std::move(buffer)).first;
   }
   void* p = found->second.get();
@@ -326,9 +345,14 @@ T exchange(unsigned mask, T value, SourceLane source_lane) {
 
 inline void __syncthreads() { cf_emu::yield(cf_emu::State::kBlockBarrier); }
 
+// Source lanes as the CUDA guide defines them: a lane may read an earlier group of `width` lanes but
+// gets its own value back for a later one (xor), past the end of its group (down).
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
-  return cf_emu::exchange(mask, value, [=](int lane) { return (lane & ~(width - 1)) | ((lane ^ lane_mask) & (width - 1)); });
+  return cf_emu::exchange(mask, value, [=](int lane) {
+    const int source = lane ^ lane_mask;
+    return source >= (lane & ~(width - 1)) + width ? lane : source;
+  });
 }
 
 template <typename T>
@@ -348,6 +372,7 @@ template <typename Kernel>
 cudaError_t cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute attribute, int value) {
   if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > cf_emu::kOptinSharedLimit)
     return cudaErrorInvalidValue;
+  const std::lock_guard<std::mutex> lock(cf_emu::emulator().mutex);
   cf_emu::emulator().dynamic_limit[reinterpret_cast<const void*>(kernel)] = value;
   return cudaSuccess;
 }

@@ -50,6 +50,24 @@ __global__ void dynamic_shared_kernel(const float* in, float* out, int n) {
   }
 }
 
+// One shuffle of each lane's own index: kind 0 xor, 1 down, 2 from a given lane.
+__global__ void shuffle_kernel(float* out, int kind, int arg, int width) {
+  const float v = static_cast<float>(threadIdx.x);
+  if (kind == 0) out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, v, arg, width);
+  else if (kind == 1) out[threadIdx.x] = __shfl_down_sync(0xffffffffu, v, static_cast<unsigned>(arg), width);
+  else out[threadIdx.x] = __shfl_sync(0xffffffffu, v, arg, width);
+}
+
+// 16 KB of static shared memory beside the dynamic buffer.
+__global__ void mixed_shared_kernel(float* out) {
+  __shared__ float table[4096];
+  extern __shared__ float extra[];
+  table[threadIdx.x] = 1.f;
+  extra[threadIdx.x] = 2.f;
+  __syncthreads();
+  out[threadIdx.x] = table[threadIdx.x] + extra[threadIdx.x];
+}
+
 __global__ void index_kernel(float* out) {
   const int64_t i = (blockIdx.y * gridDim.x + blockIdx.x) * static_cast<int64_t>(blockDim.x * blockDim.y) +
                     threadIdx.y * blockDim.x + threadIdx.x;
@@ -77,6 +95,15 @@ void dynamic_shared(at::Tensor in, at::Tensor out, bool raise_limit) {
   dynamic_shared_kernel<<<in.size(0), 128, bytes>>>(in.data_ptr<float>(), out.data_ptr<float>(), n);
 }
 
+void shuffle(at::Tensor out, int64_t kind, int64_t arg, int64_t width) {
+  shuffle_kernel<<<1, out.numel()>>>(out.data_ptr<float>(), static_cast<int>(kind), static_cast<int>(arg),
+                                     static_cast<int>(width));
+}
+
+void mixed_shared(at::Tensor out, int64_t dynamic_bytes) {
+  mixed_shared_kernel<<<1, out.numel(), static_cast<size_t>(dynamic_bytes)>>>(out.data_ptr<float>());
+}
+
 void indices(at::Tensor out, int64_t grid_x, int64_t grid_y, int64_t block_x, int64_t block_y) {
   index_kernel<<<dim3(grid_x, grid_y), dim3(block_x, block_y)>>>(out.data_ptr<float>());
 }
@@ -90,4 +117,6 @@ TORCH_LIBRARY(cuda_emu_selftest, m) {
   m.def("exited_lane(Tensor(a!) out) -> ()", &exited_lane);
   m.def("dynamic_shared(Tensor input, Tensor(a!) out, bool raise_limit) -> ()", &dynamic_shared);
   m.def("indices(Tensor(a!) out, int grid_x, int grid_y, int block_x, int block_y) -> ()", &indices);
+  m.def("shuffle(Tensor(a!) out, int kind, int arg, int width) -> ()", &shuffle);
+  m.def("mixed_shared(Tensor(a!) out, int dynamic_bytes) -> ()", &mixed_shared);
 }
