@@ -20,6 +20,7 @@ import functools
 import glob
 import hashlib
 import os
+import sys
 import threading
 import time
 import warnings
@@ -156,7 +157,6 @@ def wait_for_build_lock(name: str, stale_after_s: float = 1800.0, poll_s: float 
     """torch's extension tooling waits, without a word and without end, for the lock file of a build in
     progress; a killed build leaves that file behind. Wait here instead, saying so, and give up with an
     error naming the file once it is older than any real build (30 minutes)."""
-    import sys
     from torch.utils import cpp_extension
 
     lock = os.path.join(cpp_extension._get_build_directory(name, verbose=False), "lock")

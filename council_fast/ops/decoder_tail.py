@@ -134,13 +134,10 @@ def _decoder_tail_bwd(grad_out: torch.Tensor, grad_masks: torch.Tensor | None, h
     if backend == "triton":
         weights = _triton_backward(grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3, images, num_masks,
                                    grad_h, grad_img)
-    elif backend == "cuda":
-        weights = _extension_ops(backend).decoder_tail_backward(grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3,
-                                                                images, num_masks, CUDA_BACKWARD_CHUNK, grad_h,
-                                                                grad_img)
     else:
+        chunk = [CUDA_BACKWARD_CHUNK] if backend == "cuda" else []  # the CUDA op works through pixel chunks
         weights = _extension_ops(backend).decoder_tail_backward(grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3,
-                                                                images, num_masks, grad_h, grad_img)
+                                                                images, num_masks, *chunk, grad_h, grad_img)
     return [grad_h, *weights, grad_img]
 
 
@@ -198,6 +195,7 @@ def _extension_ops(backend):
 try:  # Triton is optional: without it the triton back-end reports itself unavailable.
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 except Exception:  # noqa: BLE001
     triton = None
 
@@ -369,18 +367,6 @@ def _backward_block_p(h):
     return 16 if triton_interpreted() else 32
 
 
-def _explain_out_of_resources(launch, h):
-    """launch(), with a GPU's OutOfResources turned into an error that says what to use instead."""
-    from triton.runtime.errors import OutOfResources
-
-    try:
-        return launch()
-    except OutOfResources as e:
-        raise BackendUnavailable(
-            f"decoder_tail triton backward ({h.dtype}, dim {h.shape[1]}) does not fit this GPU ({e}); "
-            "use the cuda back-end or bf16") from e
-
-
 @triton_launch
 def _triton_forward(h, w1, b1, w2, b2, w3, b3, images, num_masks, out, masks):
     batch, dim, height, width = h.shape
@@ -397,22 +383,20 @@ def _triton_backward(grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3, images, nu
     batch, dim, height, width = h.shape
     hw = height * width
     n_raw = w3.shape[0]
-    most_programs = 4 * torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 4
+    block_p = _backward_block_p(h)
+    blocks_per_image = triton.cdiv(hw, block_p)
+    total = blocks_per_image * batch
+    programs = min(total, 4 * torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 4)
+    f32 = dict(dtype=torch.float32, device=h.device)
+    partials = [torch.empty((programs, *t.shape), **f32) for t in (w1, b1, w2, b2, w3, b3)]
     gmask = grad_masks if grad_masks is not None else grad_out  # never read when HAS_GMASK is False
-
-    def launch():
-        block_p = _backward_block_p(h)
-        blocks_per_image = triton.cdiv(hw, block_p)
-        total = blocks_per_image * batch
-        programs = min(total, most_programs)
-        f32 = dict(dtype=torch.float32, device=h.device)
-        partials = [torch.empty((programs, *t.shape), **f32) for t in (w1, b1, w2, b2, w3, b3)]
+    try:
         _backward_kernel[(programs,)](
             grad_out, gmask, h, w1, b1, w2, b2, w3, b3, images, grad_h, grad_img, *partials,
             hw, dim, n_raw, blocks_per_image, total, *_pixel_strides(h), *_pixel_strides(images),
             *_pixel_strides(grad_h), *_pixel_strides(grad_img), HAS_GMASK=grad_masks is not None,
             BLOCK_P=block_p, **_triton_sizes(h, images, w3, num_masks), num_warps=4 if triton_interpreted() else 8)
-        return partials
-
-    partials = _explain_out_of_resources(launch, h)
+    except OutOfResources as e:  # e.g. fp32 on sm_86/89: see _backward_block_p
+        raise BackendUnavailable(f"decoder_tail triton backward ({h.dtype}, dim {dim}) does not fit this GPU ({e}); "
+                                 "use the cuda back-end or bf16") from e
     return [part.sum(0).to(ref.dtype) for part, ref in zip(partials, (w1, b1, w2, b2, w3, b3))]

@@ -221,14 +221,13 @@ def _tool(name: str) -> str:
 
 
 def resource_usage(cubin: bytes, folder: str) -> dict:
-    """Registers, stack frame (where spills go), shared and local bytes of a compiled kernel (cuobjdump,
-    shipped with Triton)."""
+    """Registers and stack frame (where spills go) of a compiled kernel (cuobjdump, shipped with Triton)."""
     path = os.path.join(folder, "kernel.cubin")
     with open(path, "wb") as f:
         f.write(cubin)
     out = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True, text=True).stdout
     usage = {}
-    for key in ("REG", "STACK", "SHARED", "LOCAL"):
+    for key in ("REG", "STACK"):
         found = re.search(rf"\b{key}:(\d+)", out)
         if found:
             usage[key] = int(found.group(1))
