@@ -16,13 +16,15 @@ COMMANDS = {
     "parity": ("council_fast.parity", "check that the fused training engine reproduces the reference iteration"),
     "bench": ("council_fast.bench", "benchmark reference eager, torch.compile and the fused engine"),
     "info": ("council_fast.info", "print versions, devices and which kernel back-ends are available"),
+    "eval": ("council_fast.cli.eval", "score each council member: FID and KID of its translations vs the target domain"),
+    "report": ("council_fast.cli.report", "plot a training run's loss and metric curves to one PNG, with a summary"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="council-fast",
                                      description="council-fast: fast, faithful Council-GAN training and conversion.")
-    from . import __version__
+    from .. import __version__
     parser.add_argument("--version", action="version", version=f"council-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
