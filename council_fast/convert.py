@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from .cuda_graphs import GraphedCall
+from .evalrecord import EVAL_STATE_KEY, EvalRecord
 from .images import IMAGE_EXTENSIONS, ImageReadError, open_rgb, save_grid, save_image, test_transform
 
 __all__ = ["ConvertError", "InputItem", "ConversionReport", "Converter", "LoadedModel", "find_inputs",
@@ -267,6 +268,25 @@ def _config_beside(checkpoint: str) -> dict | None:
         return None
 
 
+def best_member(checkpoint: str) -> int:
+    """The member with the lowest FID at the latest ``train --eval-every`` evaluation, from the full state
+    (the checkpoint itself, or the newest in its folder)."""
+    from .checkpoint import CheckpointError, latest_full_state_path, load_full_state
+
+    folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
+    try:
+        state = load_full_state(checkpoint) if os.path.isfile(checkpoint) else None
+    except CheckpointError:  # an official member file: look for the run's full state beside it
+        state = None
+    path = checkpoint if state is not None else latest_full_state_path(folder)
+    state = state if state is not None else (load_full_state(path) if path else None)
+    member = EvalRecord.from_state((state or {}).get(EVAL_STATE_KEY)).best_member()
+    if member is None:
+        raise ConvertError(f"--member best: {path or checkpoint} holds no evaluation (train with --eval-every N "
+                           "--inception-weights F to record each member's FID)")
+    return member
+
+
 def _select_members(available: Sequence[int], member: str) -> list[int]:
     if member in ("all", "random"):
         return list(available)
@@ -293,6 +313,8 @@ def load_model(checkpoint: str, config: str | None = None, direction: str | None
     cfg = _resolve_config(config, carried, states.source)
     input_dim = cfg["input_dim_a"] if states.direction == "a2b" else cfg["input_dim_b"]
     generators, engine = {}, "reference"
+    if member == "best":  # --member best: the lowest FID at the run's latest evaluation
+        member = str(best_member(checkpoint))
     for k in _select_members(states.members, member):
         gen, engine = build_generator(input_dim, cfg["gen"], backend, device)
         _load_weights(gen, states.states[states.members.index(k)], f"{states.source} (member {k})")
@@ -686,8 +708,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", nargs="+", required=True, metavar="IN",
                         help="image files, folders (recursive) or glob patterns")
     parser.add_argument("--output", required=True, metavar="OUT", help="output folder (created if needed)")
-    parser.add_argument("--member", default="all", help="member index, 'all', or 'random' (one per input; "
-                        "the official test script's choice) (default: %(default)s)")
+    parser.add_argument("--member", default="all", help="member index, 'all', 'random' (one per input; "
+                        "the official test script's choice), or 'best' (the lowest FID at the latest "
+                        "train --eval-every evaluation) (default: %(default)s)")
     parser.add_argument("--styles", type=int, default=1, help="outputs per input and member, each with a "
                         "fresh style code z ~ N(0, I) (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=None,

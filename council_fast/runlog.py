@@ -52,20 +52,31 @@ def _as_number(value) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
-def _to_host(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
-    """The pending values as floats: the tensors of each device stacked and copied in one transfer."""
-    by_device: dict[torch.device, list[tuple[int, str, torch.Tensor]]] = {}
-    out = [(step, {}) for step, _ in pending]
-    for n, (_, values) in enumerate(pending):
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                by_device.setdefault(value.device, []).append((n, key, value.detach().reshape(()).float()))
-            else:
-                out[n][1][key] = float(value)
+def _stack_by_device(values: Mapping) -> tuple[list, dict]:
+    """One iteration's values: tensors stacked per device (one small copy: later in-place updates of the
+    trainer's buffers do not reach them), numbers as floats."""
+    groups: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    numbers = {}
+    for key, value in values.items():
+        if isinstance(value, torch.Tensor):
+            groups.setdefault(value.device, []).append((key, value.detach().reshape(()).to(torch.float32)))
+        else:
+            numbers[key] = float(value)
+    stacked = [([k for k, _ in items], torch.stack([t for _, t in items])) for items in groups.values()]
+    return stacked, numbers
+
+
+def _to_host(pending: list[tuple[int, list, dict]]) -> list[tuple[int, dict]]:
+    """The pending values as floats: each device's tensors concatenated and copied in one transfer."""
+    out = [(step, dict(numbers)) for step, _, numbers in pending]
+    by_device: dict[torch.device, list[tuple[int, list[str], torch.Tensor]]] = {}
+    for n, (_, stacked, _) in enumerate(pending):
+        for keys, tensor in stacked:
+            by_device.setdefault(tensor.device, []).append((n, keys, tensor))
     for items in by_device.values():
-        numbers = torch.stack([t for _, _, t in items]).tolist()  # the one sync for this device
-        for (n, key, _), number in zip(items, numbers):
-            out[n][1][key] = number
+        flat = iter(torch.cat([t for _, _, t in items]).tolist())  # the one sync for this device
+        for n, keys, _ in items:
+            out[n][1].update(zip(keys, flat))
     return [(step, dict(sorted(values.items()))) for step, values in out]
 
 
@@ -79,7 +90,7 @@ class RunLog:
         self._file = open(self.path, "a", encoding="utf-8")
         use_tb = tensorboard_available() if tensorboard is None else tensorboard
         self._tb = _summary_writer(os.path.join(self.run_dir, TENSORBOARD_DIR)) if use_tb else None
-        self._pending: list[tuple[int, dict]] = []
+        self._pending: list[tuple[int, list, dict]] = []
 
     @property
     def tensorboard(self) -> bool:
@@ -87,7 +98,7 @@ class RunLog:
 
     def record(self, step: int, values: Mapping) -> None:
         """Keep one iteration's values (tensors stay on their device) until the next flush."""
-        self._pending.append((int(step), dict(values)))
+        self._pending.append((int(step), *_stack_by_device(values)))
         if len(self._pending) >= MAX_PENDING:
             self.flush()
 

@@ -35,7 +35,9 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import ConfigError, load_config
+from .metrics import InceptionWeightsError
 from .reference import AdaINGen, MsImageDis, MsImageDisCouncil
+from .train_monitor import TrainMonitor
 
 __all__ = ["CouncilTrainer", "add_arguments", "run", "init_weights", "UNSUPPORTED_WEIGHTS"]
 
@@ -549,6 +551,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "first two of each kind, before and after council_start_at_iter, run eagerly)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--seed", type=int, help="random seed (default: the config's random_seed)")
+    # --- run log and evaluation (council_fast.train_monitor)
+    parser.add_argument("--eval-every", type=int, default=0, metavar="N",
+                        help="every N iterations: FID/KID of each member on a fixed subset of the test images, "
+                             "logged; the full state remembers each member's best iteration (needs "
+                             "--inception-weights). Default: off")
+    parser.add_argument("--inception-weights", metavar="F", help="the FID Inception weights file "
+                        "pt_inception-2015-12-05-6726825d.pth (for --eval-every)")
+    parser.add_argument("--eval-images", type=int, default=100, metavar="N",
+                        help="test images per domain for --eval-every (default: %(default)s)")
 
 
 class _StopRequest:
@@ -586,7 +597,7 @@ def run(args: argparse.Namespace) -> int:
     from .data import DataError
     try:
         return _train(args)
-    except (ConfigError, ckpt.CheckpointError, DataError, NotImplementedError) as e:
+    except (ConfigError, ckpt.CheckpointError, DataError, NotImplementedError, InceptionWeightsError) as e:
         return _fail(str(e))
 
 
@@ -620,6 +631,11 @@ def _train(args) -> int:
         return _fail("--device cuda: no CUDA device is available")
     if dp.launched_by_torchrun() and args.engine != "fused":
         return _fail("data-parallel training (torchrun) needs --engine fused")
+    if args.eval_every < 0 or args.eval_images < 2:
+        return _fail("--eval-every must be >= 0 and --eval-images >= 2")
+    if args.eval_every and args.inception_weights is None:
+        return _fail("--eval-every needs --inception-weights F (the FID Inception weights "
+                     "pt_inception-2015-12-05-6726825d.pth; see the README)")
     ctx = dp.setup(args.device) if dp.launched_by_torchrun() else None
     try:
         return _train_on(args, ctx)
@@ -676,6 +692,10 @@ def _train_on(args, ctx) -> int:
     test_images = {d: load_test_images(config["data_root"], "A" if d == "a2b" else "B", config["new_size"],
                                        config["display_size"]) for d in trainer.directions}
     target = args.iters if args.iters is not None else config["max_iter"] + 1
+    # --- run log and evaluation: the writer process only
+    monitor = TrainMonitor(out, trainer, config, images_per_iter=config["batch_size"] * world,
+                           eval_every=args.eval_every, inception_weights=args.inception_weights,
+                           eval_images=args.eval_images, state=state) if writer else None
 
     def save_official():
         if writer:
@@ -683,11 +703,13 @@ def _train_on(args, ctx) -> int:
 
     def save_full():
         if writer:
-            _save_full_state(trainer, loader, checkpoint_dir)
+            _save_full_state(trainer, loader, checkpoint_dir, monitor.state())
 
     def save_images():
         if writer:
-            _save_contact_sheet(trainer, test_images, os.path.join(image_dir, f"test_{trainer.iteration + 1:08d}.png"))
+            path = os.path.join(image_dir, f"test_{trainer.iteration + 1:08d}.png")
+            _save_contact_sheet(trainer, test_images, path)
+            monitor.image(trainer.iteration, path)
 
     def next_batch():
         x_a, x_b = loader.next_batch()
@@ -698,7 +720,7 @@ def _train_on(args, ctx) -> int:
     saved_at = None
     bar = tqdm(total=target, initial=min(trainer.iteration, target), unit="it", dynamic_ncols=True,
                mininterval=1.0, file=sys.stderr, disable=not writer)
-    start, start_iter = time.perf_counter(), trainer.iteration
+    start_iter = trainer.iteration
     shown_at = -math.inf
     with _StopRequest() as stop:
         try:
@@ -708,6 +730,8 @@ def _train_on(args, ctx) -> int:
                 x_a, x_b = next_batch()
                 losses = trainer.step(x_a, x_b, update_lr=False)
                 done = trainer.iteration
+                if monitor:
+                    monitor.record_step(done, losses)  # keeps the loss tensors: no device read here
                 snapshot = (done + 1) % config["snapshot_save_iter"] == 0
                 if (done + 1) % config["image_save_iter"] == 0:
                     save_images()
@@ -721,8 +745,11 @@ def _train_on(args, ctx) -> int:
                 # Reading losses syncs the GPU: at most about once a second, whatever log_iter says.
                 if (done % config["log_iter"] == 0 and now - shown_at >= 1.0) or done == target:
                     shown_at = now
-                    rate = (done - start_iter) / max(now - start, 1e-9)
-                    bar.set_postfix(_summary(losses) | {"it/s": f"{rate:.2f}"}, refresh=False)
+                    rate = monitor.display(done) if monitor else 0.0  # the log's values are read here
+                    bar.set_postfix(_summary(losses) | {"img/s": f"{rate:.2f}"}, refresh=False)
+                if monitor and monitor.maybe_evaluate(done):
+                    bar.write(f"iteration {done}: FID " + ", ".join(
+                        f"member {k} {v:.2f}" for k, v in sorted(monitor.record.latest["fid"].items())))
                 bar.update(1)
         finally:
             bar.close()
@@ -732,6 +759,8 @@ def _train_on(args, ctx) -> int:
             save_official()
             save_full()
             save_images()
+        if monitor:
+            monitor.close()
     if trainer.iteration != start_iter:
         print(f"saved iteration {trainer.iteration} to {checkpoint_dir}", file=sys.stderr)
     else:
@@ -739,10 +768,11 @@ def _train_on(args, ctx) -> int:
     return 130 if stop.requested and trainer.iteration < target else 0
 
 
-def _save_full_state(trainer: CouncilTrainer, loader, checkpoint_dir: str) -> None:
-    """state_<n>.pt with the data position, latest.txt pointing at it; the two newest are kept."""
+def _save_full_state(trainer: CouncilTrainer, loader, checkpoint_dir: str, extra: dict | None = None) -> None:
+    """state_<n>.pt with the data position (and ``extra``: the evaluation record), latest.txt pointing at it;
+    the two newest are kept."""
     path = ckpt.full_state_path(checkpoint_dir, trainer.iteration)
-    ckpt.save_full_state(path, trainer.state_dict() | {"data": loader.state()})
+    ckpt.save_full_state(path, trainer.state_dict() | {"data": loader.state()} | (extra or {}))
     ckpt.write_latest(checkpoint_dir, path)
     _prune_full_states(checkpoint_dir, keep=2)
 

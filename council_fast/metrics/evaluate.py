@@ -51,18 +51,20 @@ def style_codes(count: int, style_dim: int, seed: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def member_features(model: FIDInceptionV3, translate: Translate, member: int, images: torch.Tensor,
-                    z: torch.Tensor, batch: int = 32) -> np.ndarray:
-    """Features of member ``member``'s translations of ``images`` with style codes ``z``: each image once per
-    style (``z`` holds ``styles * N`` codes, style-major)."""
-    styles = z.shape[0] // images.shape[0]
-    feats = []
-    for s in range(styles):
-        for i in range(0, images.shape[0], batch):
+def member_features(model: FIDInceptionV3, translate: Translate, members: Sequence[int], images: torch.Tensor,
+                    z: torch.Tensor, batch: int = 32) -> dict[int, np.ndarray]:
+    """Features of each member's translations of ``images`` with style codes ``z``: each image once per style
+    (``z`` holds ``styles * N`` codes, style-major). Batches outside, members inside: all members see a
+    batch in turn, so a translator that computes every member at once can reuse its result."""
+    n = images.shape[0]
+    feats: dict[int, list[np.ndarray]] = {int(k): [] for k in members}
+    for s in range(z.shape[0] // n):
+        for i in range(0, n, batch):
             x = images[i:i + batch]
-            y = translate(member, x, z[s * images.shape[0] + i:s * images.shape[0] + i + x.shape[0]])
-            feats.append(extract_features(model, y.float().cpu(), batch))
-    return np.concatenate(feats)
+            zb = z[s * n + i:s * n + i + x.shape[0]]
+            for k in feats:
+                feats[k].append(extract_features(model, translate(k, x, zb).float().cpu(), batch))
+    return {k: np.concatenate(v) for k, v in feats.items()}
 
 
 def score(features: np.ndarray, target: np.ndarray, kid_subsets: int = 100, kid_subset_size: int = 1000,
@@ -81,8 +83,8 @@ def evaluate_members(model: FIDInceptionV3, translate: Translate, members: Seque
     if source_features is None:
         source_features = extract_features(model, source, batch)
     z = style_codes(styles * source.shape[0], style_dim, seed)
-    results = {int(k): score(member_features(model, translate, k, source, z, batch), target_features,
-                             kid_subsets, kid_subset_size, seed) for k in members}
+    feats = member_features(model, translate, members, source, z, batch)
+    results = {k: score(f, target_features, kid_subsets, kid_subset_size, seed) for k, f in feats.items()}
     return {"members": results, SOURCE: score(source_features, target_features, kid_subsets, kid_subset_size, seed),
             "target_images": int(target_features.shape[0]), "source_images": int(source.shape[0]),
             "styles": styles, "kid_subsets": kid_subsets, "seed": seed}
