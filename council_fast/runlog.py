@@ -59,7 +59,7 @@ def _stack_by_device(values: Mapping) -> tuple[list, dict]:
     numbers = {}
     for key, value in values.items():
         if isinstance(value, torch.Tensor):
-            groups.setdefault(value.device, []).append((key, value.detach().reshape(()).to(torch.float32)))
+            groups.setdefault(value.device, []).append((key, value.detach().reshape(()).to(torch.float64)))
         else:
             numbers[key] = float(value)
     stacked = [([k for k, _ in items], torch.stack([t for _, t in items])) for items in groups.values()]

@@ -47,9 +47,23 @@ def test_fid_matches_a_float64_reference_of_the_formula():
                                                                        rel=1e-9)
 
 
+@pytest.mark.parametrize("n_a, n_b, d", [(60, 50, 8), (5, 7, 12), (20, 20, 20)])
+def test_fid_methods_agree_with_scipy_sqrtm(n_a, n_b, d):
+    """The singular values of A^T B, the symmetric eigendecompositions and scipy.linalg.sqrtm of the product
+    (pytorch-fid's computation) give the same FID, also with fewer images than dimensions (rank-deficient
+    covariances; there sqrtm and the eigendecompositions carry ~1e-9 of rounding the SVD does not)."""
+    rng = np.random.default_rng(n_a)
+    a, b = rng.standard_normal((n_a, d)) @ rng.standard_normal((d, d)), rng.standard_normal((n_b, d)) + 0.2
+    expected = _fid_reference(a, b)
+    rel = 1e-9 if min(n_a, n_b) > d else 1e-6
+    for method in ("auto", "svd", "eigh", "sqrtm"):
+        assert fid_from_features(a, b, method=method) == pytest.approx(expected, rel=rel), method
+
+
 def test_fid_of_identical_sets_is_zero():
     a = np.random.default_rng(1).standard_normal((40, 16))
-    assert abs(fid_from_features(a, a.copy())) < 1e-9 * np.trace(np.cov(a, rowvar=False))
+    for method in ("svd", "eigh", "sqrtm"):
+        assert abs(fid_from_features(a, a.copy(), method=method)) < 1e-9 * np.trace(np.cov(a, rowvar=False))
 
 
 def test_fid_of_gaussians_in_closed_form_diagonal_and_commuting():
@@ -64,9 +78,11 @@ def test_fid_of_gaussians_in_closed_form_diagonal_and_commuting():
     q, _ = np.linalg.qr(rng.standard_normal((d, d)))
     s1, s2 = q @ np.diag(v1) @ q.T, q @ np.diag(v2) @ q.T
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(closed, rel=1e-10)
+    assert frechet_distance(mu1, s1, mu2, s2, method="sqrtm") == pytest.approx(closed, rel=1e-10)
     # from features whose sample statistics are exactly those Gaussians'
     a, b = _exact_sample(mu1, s1, 40, seed=3), _exact_sample(mu2, s2, 55, seed=4)
-    assert fid_from_features(a, b) == pytest.approx(closed, rel=1e-9)
+    for method in ("svd", "eigh", "sqrtm"):
+        assert fid_from_features(a, b, method=method) == pytest.approx(closed, rel=1e-9), method
 
 
 def test_fid_rejects_bad_features():
