@@ -53,16 +53,18 @@ def _as_number(value) -> float:
 
 
 def _stack_by_device(values: Mapping) -> tuple[list, dict]:
-    """One iteration's values: tensors stacked per device (one small copy: later in-place updates of the
-    trainer's buffers do not reach them), numbers as floats."""
-    groups: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    """One iteration's values: tensors stacked per device and dtype (one small copy per group, so later
+    in-place updates of the trainer's buffers do not reach them; about two kernel launches per group),
+    numbers as floats."""
+    groups: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
     numbers = {}
     for key, value in values.items():
         if isinstance(value, torch.Tensor):
-            groups.setdefault(value.device, []).append((key, value.detach().reshape(()).to(torch.float64)))
+            groups.setdefault((value.device, value.dtype), []).append((key, value.detach().reshape(())))
         else:
             numbers[key] = float(value)
-    stacked = [([k for k, _ in items], torch.stack([t for _, t in items])) for items in groups.values()]
+    stacked = [([k for k, _ in items], torch.stack([t for _, t in items]).to(torch.float64))
+               for items in groups.values()]
     return stacked, numbers
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,7 +127,8 @@ def _tiny_checkpoint(tmp_path) -> str:
 def test_eval_errors(tmp_path, inception_file, capsys):
     data = make_synthetic_dataset(tmp_path / "data", n_train=1, n_test=2, size=32)
     prefix = _tiny_checkpoint(tmp_path)
-    base = ["eval", "--checkpoint", prefix, "--config", "tiny", "--data", data, "--device", "cpu"]
+    base = ["eval", "--checkpoint", prefix, "--config", "tiny", "--data", data, "--device", "cpu",
+            "--backend", "reference"]
     assert main(base) == 2
     assert "--inception-weights" in capsys.readouterr().err
     assert main(base + ["--inception-weights", inception_file, "--members", "0,7"]) == 2
@@ -140,6 +142,7 @@ def test_eval_two_members_on_100_images(tmp_path, inception_file, capsys):
     out = tmp_path / "eval.json"
     rc = main(["eval", "--checkpoint", _tiny_checkpoint(tmp_path), "--config", "tiny", "--data", data,
                "--members", "0,2", "--inception-weights", inception_file, "--batch", "50", "--device", "cpu",
+               "--backend", "reference",
                "--kid-subsets", "20", "--json", str(out)])
     assert rc == 0
     table = capsys.readouterr().out
@@ -159,7 +162,7 @@ def test_eval_two_members_on_100_images(tmp_path, inception_file, capsys):
 
 def test_train_eval_every_logs_remembers_best_and_convert_picks_it(micro_config, tmp_path, inception_file,
                                                                    capsys, single_thread):
-    data = make_synthetic_dataset(tmp_path / "data", n_train=4, n_test=3, size=16)
+    data = Path(make_synthetic_dataset(tmp_path / "data", n_train=4, n_test=3, size=16))
     cfg = tmp_path / "micro.yaml"
     cfg.write_text(yaml.safe_dump(dict(micro_config, image_save_iter=2, snapshot_save_iter=100)))
     out = tmp_path / "run"
@@ -175,7 +178,9 @@ def test_train_eval_every_logs_remembers_best_and_convert_picks_it(micro_config,
     assert series["b2a/dis/0"][0] == [1, 2]
     for key in ("eval/fid/0", "eval/fid/1", "eval/fid/source", "eval/kid_mean/0", "eval/kid_std/1"):
         assert series[key][0] == [1, 2], key
-    assert [r["path"] for r in images] == [os.path.join("images", "test_00000002.png")]
+    # sheets after iteration 1 (named 2, image_save_iter) and at the end (named 3)
+    assert [(r["step"], r["path"]) for r in images] == [(1, os.path.join("images", "test_00000002.png")),
+                                                        (2, os.path.join("images", "test_00000003.png"))]
     assert os.path.isdir(out / "tensorboard") == tensorboard_available()
 
     state = ckpt.load_full_state(ckpt.latest_full_state_path(out / "checkpoints"))
@@ -188,7 +193,8 @@ def test_train_eval_every_logs_remembers_best_and_convert_picks_it(micro_config,
 
     converted = tmp_path / "converted"
     assert main(["convert", "--checkpoint", str(out / "checkpoints"), "--input", str(data / "testA"),
-                 "--output", str(converted), "--member", "best", "--device", "cpu", "--quiet"]) == 0
+                 "--output", str(converted), "--member", "best", "--device", "cpu", "--backend", "reference",
+                 "--quiet"]) == 0
     assert {name.split("_m")[1][0] for name in os.listdir(converted)} == {str(best)}
 
     assert main(train[:-2] + ["--out", str(out), "--resume", "--iters", "3"]) == 0  # no eval: record kept

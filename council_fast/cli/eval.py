@@ -21,7 +21,7 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
-from ..convert import PRECISIONS, ConvertError, Converter, load_model, resolve_device, check_precision
+from ..convert import ENGINE_BACKENDS, PRECISIONS, ConvertError, Converter, check_precision, load_model, resolve_device
 from ..data import DataError, load_test_images
 from ..fileio import atomic_write_bytes
 from ..metrics import InceptionWeightsError, evaluate_members, format_table, load_inception
@@ -48,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                         help="the generators' precision; Inception always runs fp32 (default: %(default)s)")
+    parser.add_argument("--backend", choices=ENGINE_BACKENDS, default="auto",
+                        help="generator engine, as for convert (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the style codes and KID subsets "
                         "(default: %(default)s)")
     parser.add_argument("--max-images", type=int, default=None, help="use at most this many test images per domain")
@@ -69,9 +71,10 @@ def _members(spec: str) -> str | list[int]:
     return members
 
 
-def load_translator(checkpoint: str, config: str | None, members, device: torch.device, precision: str):
+def load_translator(checkpoint: str, config: str | None, members, device: torch.device, precision: str,
+                    backend: str = "auto"):
     """The one place generators are loaded: (translate(member, x, z), member list, config, direction, engine)."""
-    model = load_model(checkpoint, config, None, "all", "auto", device)
+    model = load_model(checkpoint, config, None, "all", backend, device)
     available = list(model.generators)
     chosen = available if members == "all" else members
     unknown = [k for k in chosen if k not in available]
@@ -105,7 +108,7 @@ def _setup(args):
     members = _members(args.members)
     inception = load_inception(args.inception_weights, device)
     translate, chosen, config, direction, engine = load_translator(args.checkpoint, args.config, members, device,
-                                                                   args.precision)
+                                                                   args.precision, args.backend)
     data_root = args.data or config.get("data_root")
     if not data_root:
         raise ConvertError("--data is required (the config names no data_root)")
