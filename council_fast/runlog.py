@@ -14,6 +14,7 @@ the losses (about once a second) and before it stops.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -32,11 +33,8 @@ MAX_PENDING = 10_000  # flush on its own past this many pending iterations (a sy
 
 
 def tensorboard_available() -> bool:
-    try:
-        import tensorboard  # noqa: F401 - optional extra: only whether it imports matters
-    except ImportError:
-        return False
-    return True
+    """Whether the optional ``tensorboard`` package is installed."""
+    return importlib.util.find_spec("tensorboard") is not None
 
 
 def _summary_writer(folder: str):
