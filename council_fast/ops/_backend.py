@@ -16,6 +16,7 @@ or ``(council_fast_cuda, m)`` and are then called as ``torch.ops.council_fast_cp
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import glob
 import hashlib
@@ -133,7 +134,35 @@ def _build(kind: str, verbose: bool):
     kwargs = dict(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp"], verbose=verbose)
     if kind == "cuda":
         kwargs["extra_cuda_cflags"] = CUDA_FLAGS
-    return cpp_extension.load(**kwargs)
+    with exclusive_build(name):
+        return cpp_extension.load(**kwargs)
+
+
+def installation_key() -> str:
+    """What a build depends on beyond the sources: this torch installation (where it lives, its version,
+    CUDA version) and the Python running it, so environments with the same torch version never share or
+    rebuild each other's extension."""
+    return "|".join((os.path.dirname(os.path.realpath(torch.__file__)), torch.__version__, str(torch.version.cuda),
+                     sys.prefix, sys.version))
+
+
+@contextlib.contextmanager
+def exclusive_build(name: str):
+    """One build of ``name`` at a time, across processes: an OS file lock beside the build, released by the
+    kernel if its holder dies (so no stale lock). A process that has to wait says so."""
+    from torch.utils import cpp_extension
+
+    path = os.path.join(cpp_extension._get_build_directory(name, verbose=False), "council_fast_build.flock")
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"council-fast: waiting for another process building {name} ({path})", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _build_spec(kind: str) -> tuple[str, list[str], list[str]]:
@@ -148,7 +177,7 @@ def _build_spec(kind: str) -> tuple[str, list[str], list[str]]:
     if kind == "cpu" and os.environ.get("COUNCIL_FAST_NATIVE", "1") == "1":
         cflags.append("-march=native")  # the build is cached per machine: the name hashes the CPU flags
         digest.update(_cpu_flags().encode())
-    digest.update(torch.__version__.encode())
+    digest.update(installation_key().encode())
     digest.update(" ".join(cflags + (CUDA_FLAGS if kind == "cuda" else [])).encode())
     return f"council_fast_{kind}_{digest.hexdigest()[:12]}", sources, cflags
 
