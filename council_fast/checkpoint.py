@@ -260,8 +260,8 @@ def complete_iterations(folder: str | os.PathLike, direction: str) -> tuple[list
     """(complete iterations + 1, sorted; {every iteration + 1: its members}; the council size) of the
     official ``direction`` generator files in ``folder``.
 
-    Where council-fast wrote the folder (snapshot markers present), an iteration is complete when its
-    marker is there; otherwise (the official trainer's folders) when every member 0..size-1 is there.
+    An iteration is complete when every member 0..size-1 is there and, where council-fast wrote the
+    folder (snapshot markers present), its marker too (iterations older than the first marker need none).
     """
     folder = os.fspath(folder)
     by_iter = _find_official_generators(folder, None).get(direction, {})
@@ -269,8 +269,8 @@ def complete_iterations(folder: str | os.PathLike, direction: str) -> tuple[list
     size = _council_size(folder, by_iter, markers)
     members = {n: sorted(m) for n, m in by_iter.items()}
     full = [n for n, m in members.items() if m == list(range(size))]
-    if markers:
-        full = [n for n in full if n in markers]
+    if markers:  # snapshots from before markers were written (an older council-fast) stay readable
+        full = [n for n in full if n in markers or n < min(markers)]
     return sorted(full), members, size
 
 

@@ -140,6 +140,19 @@ def test_1_official_folders_without_markers_count_members_by_optimizer_files(tmp
         ckpt.load_generator_states(tmp_path / "00000003")
 
 
+def test_1_snapshots_from_before_markers_stay_readable(tmp_path):
+    """A run begun by an older council-fast (no markers) and continued by this one."""
+    for i in range(2):
+        torch.save({"b2a": {"w": torch.zeros(1)}}, tmp_path / f"b2a_gen_{i}_00000002.pt")
+    ckpt.save_official(tmp_path, 4, {"b2a": {"gen": [{"w": torch.ones(1)}] * 2}})
+    torch.save({"b2a": {"w": torch.zeros(1)}}, tmp_path / "b2a_gen_0_00000006.pt")  # a save killed later
+    assert ckpt.load_generator_states(tmp_path / "00000002").members == [0, 1]
+    with pytest.warns(UserWarning, match="using 00000004"):
+        assert ckpt.load_generator_states(tmp_path).source.endswith("00000004")
+    with pytest.raises(ckpt.CheckpointError, match="missing 1"):
+        ckpt.load_generator_states(tmp_path / "00000006")
+
+
 def test_1_snapshot_files_appear_only_when_all_are_written(tmp_path):
     """A failure while writing any file of a snapshot leaves none of it under a final name."""
     networks = {"b2a": {"gen": [{"w": torch.ones(2)}] * 3, "dis": [{"w": torch.ones(2)}] * 3}}
