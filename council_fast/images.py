@@ -18,7 +18,8 @@ from PIL import Image, ImageOps
 
 from .fileio import atomic_write_bytes
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "open_rgb", "max_image_pixels", "PixelBudget", "DECODE_BUDGET", "resize_shorter", "center_crop",
+__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "open_rgb", "max_image_pixels", "PixelBudget", "DECODE_BUDGET",
+           "resize_shorter", "center_crop",
            "pil_to_tensor", "tensor_to_pil", "save_image", "make_grid", "save_grid", "test_transform"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
