@@ -361,7 +361,7 @@ def _block_p(h):
 
 def _backward_block_p(h):
     # Pixels per step of the backward on a GPU. Compiled for sm_90 (Triton 3.9, `python -m
-    # council_fast.ops.triton_check`), fp32 at 64: a 9.8 KB stack per thread and 186 KB of shared
+    # council_fast.devtools.triton_check`), fp32 at 64: a 9.8 KB stack per thread and 186 KB of shared
     # memory, more than an A100 has; at 32: 0.9 KB and 146 KB (bf16: 48 B and 78 KB). The fp32 weight
     # tiles dominate: even 16 pixels need 127 KB, over the 99 KB of sm_86/89.
     return 16 if triton_interpreted() else 32

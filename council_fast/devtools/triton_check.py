@@ -1,6 +1,6 @@
 """Compile the Triton kernels for a GPU, without one.
 
-``python -m council_fast.ops.triton_check --arch 80 90`` runs the fused generators on CPU tensors
+``python -m council_fast.devtools.triton_check --arch 80 90`` runs the fused generators on CPU tensors
 (conversion in fp32, bf16 and fp16; training passes in fp32 and bf16 autocast) with every Triton
 launch recorded instead of run, then compiles each distinct launch (kernel, argument types,
 constexprs, warps) for each architecture with Triton's own compiler and ptxas, as the first launch
@@ -142,7 +142,7 @@ class Recorder:
 
 def _route_triton_to_cpu():
     """Lets the triton back-end be chosen for CPU tensors (its kernels are only recorded)."""
-    from . import _backend
+    from ..ops import _backend
 
     real = _backend._why_unavailable
 
