@@ -75,7 +75,7 @@ def parse_ptxas_report(text: str) -> list[KernelResources]:
     current: KernelResources | None = None
     properties_of: str | None = None  # the function a "Function properties" block describes
     for line in text.splitlines():
-        entry = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line)
+        entry = re.search(r"Compiling entry function '(\S+)' for '(sm_\w+)'", line)
         if entry:
             current = KernelResources(entry.group(1), entry.group(2))
             kernels.append(current)
