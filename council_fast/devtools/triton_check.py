@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..ops import decoder_tail
 from .compile_check import parse_ptxas_report
 
 # Shared memory a block may use (opt-in maximum), per architecture (CUDA programming guide).
@@ -328,15 +329,14 @@ def _report(result: Compiled, limit: int, max_spill: int | None, out) -> int:
           f"{result.shared} B{f' > {limit}' if too_big else ''}"
           f"{f' < the floor the op assumes, {floor} B' if floor_wrong else ''}, {u.get('REG', '?')} registers, "
           f"{u.get('STACK', '?')} B stack, {u.get('SPILL', '?')} B spill stores"
-          f"{f' > {max_spill}' if spills else ''}, {result.seconds:.1f} s, launched {launch.count}x", file=out, flush=True)
+          f"{f' > {max_spill}' if spills else ''}, {result.seconds:.1f} s, launched {launch.count}x",
+          file=out, flush=True)
     return int(too_big or spills or floor_wrong)
 
 
 def _shared_floor(launch: Launch) -> int | None:
     """The shared memory the decoder-tail backward assumes at least (it refuses, before compiling, a launch
     whose floor is over the GPU's limit): checked against each compile of that kernel."""
-    from ..ops import decoder_tail
-
     if launch.kernel is not getattr(decoder_tail, "_backward_kernel", None):
         return None
     dtype = {v: k for k, v in _DTYPES.items()}[launch.signature["h_ptr"].lstrip("*")]
