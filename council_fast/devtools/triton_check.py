@@ -237,6 +237,15 @@ def resource_usage(cubin: bytes, folder: str) -> dict:
     return usage
 
 
+def _ptxas(target: str) -> str:
+    """The ptxas this Triton compiles with for ``target`` (Triton 3.9 uses a newer one for its PTX)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(int(re.sub(r"\D", "", target))).path
+    except (ImportError, AttributeError, TypeError):
+        return _tool("ptxas")
+
+
 def spill_stores(ptx: str, folder: str) -> int | None:
     """Bytes of spill stores, from ``ptxas -v`` on the kernel's PTX (as Triton runs ptxas: for the PTX's own
     target, FMA fusion on); None where ptxas says nothing."""
@@ -244,7 +253,7 @@ def spill_stores(ptx: str, folder: str) -> int | None:
     path = os.path.join(folder, "kernel.ptx")
     with open(path, "w") as f:
         f.write(ptx)
-    cmd = [_tool("ptxas"), "-v", "-lineinfo", f"--gpu-name={target.group(1) if target else 'sm_90a'}", path,
+    cmd = [_ptxas(target.group(1) if target else "sm_90a"), "-v", "-lineinfo", f"--gpu-name={target.group(1) if target else 'sm_90a'}", path,
            "-o", os.path.join(folder, "ptxas.cubin")]
     report = subprocess.run(cmd, capture_output=True, text=True)
     kernels = parse_ptxas_report(report.stdout + report.stderr)
