@@ -63,6 +63,9 @@ def test_commands_let_cudnn_pick_the_fastest_algorithms(monkeypatch, capsys):
 
 def test_a_failed_build_is_recorded_and_not_retried(monkeypatch, tmp_path):
     """The first process whose build fails records the error; later ones fail at once with it."""
+    import os
+    import time
+
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     with pytest.raises(RuntimeError, match="nvcc exploded"):
         with _backend.build_lock("some_build"):
@@ -72,9 +75,11 @@ def test_a_failed_build_is_recorded_and_not_retried(monkeypatch, tmp_path):
     with pytest.raises(_backend.BackendUnavailable, match=r"earlier build of some_build failed .*nvcc exploded"):
         with _backend.build_lock("some_build"):
             raise AssertionError("a recorded failure must not build again")
-    marker.unlink()
+    hour_ago = time.time() - _backend.FAILED_BUILD_RETRY_AFTER_S - 1
+    os.utime(marker, (hour_ago, hour_ago))
     with _backend.build_lock("some_build"):
-        pass  # deleting the record allows a new build
+        pass  # an hour later (or once the record is deleted) it builds again
+    assert not marker.exists()
 
 
 def test_a_killed_builder_does_not_block_the_next(monkeypatch, tmp_path):

@@ -176,6 +176,7 @@ def wait_for_build_lock(name: str, stale_after_s: float = 1800.0, poll_s: float 
 
 
 FAILED_MARKER = "council_fast.failed"  # in the build folder: the error of a failed build of these exact sources
+FAILED_BUILD_RETRY_AFTER_S = 3600.0  # a recorded failure older than this is built again
 
 
 @contextlib.contextmanager
@@ -186,13 +187,15 @@ def build_lock(name: str, timeout_s: float = 1800.0, poll_s: float = 1.0):
     it, torch's own ``lock`` file can only be a killed build's leftover, and is removed. A build that
     fails records its error in FAILED_MARKER (the folder is keyed by the hash of the sources, flags and
     torch version): every later process fails at once with that error instead of building again, until
-    the file is deleted."""
+    the file is deleted or is an hour old (a failure can be passing: a compiler killed for memory)."""
     from torch.utils import cpp_extension
 
     folder = cpp_extension._get_build_directory(name, verbose=False)
     failed = os.path.join(folder, FAILED_MARKER)
     with open(os.path.join(folder, "council_fast.lock"), "a+") as handle:
         _flock(handle, name, timeout_s, poll_s)
+        if os.path.exists(failed) and time.time() - os.path.getmtime(failed) > FAILED_BUILD_RETRY_AFTER_S:
+            os.remove(failed)  # an old failure (a compiler killed for memory, say) is tried again
         if os.path.exists(failed):
             with open(failed) as f:
                 raise BackendUnavailable(f"an earlier build of {name} failed (recorded in {failed}; delete that "
