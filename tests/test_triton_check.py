@@ -19,6 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def _run(args, timeout=900):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(HERE), env.get("PYTHONPATH")]))  # this tree's
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=HERE,
                           timeout=timeout)
 

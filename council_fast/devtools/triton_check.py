@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="selfie2anime", help="packaged config whose generator is used")
     parser.add_argument("--max-spill-bytes", type=int, default=None, metavar="N",
                         help="count a kernel with more than N bytes of spill stores (ptxas -v) as a failure "
-                             "(CI: 512; every spilling kernel is listed either way)")
+                             "(CI: 1024; every spilling kernel is listed either way)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: this check compiles the kernels for a GPU", file=sys.stderr)
