@@ -28,6 +28,7 @@ import torch
 
 from .cuda_graphs import GraphedCall
 from .evalrecord import EVAL_STATE_KEY, EvalRecord
+from .fileio import file_kind, is_regular_file, report_stale_temp_files
 from .images import IMAGE_EXTENSIONS, ImageReadError, open_rgb, save_grid, save_image, test_transform
 
 __all__ = ["ConvertError", "InputItem", "ConversionReport", "Converter", "LoadedModel", "find_inputs",
@@ -114,6 +115,9 @@ def find_inputs(specs: Sequence[str], exclude_dirs: Iterable[str] = ()) -> tuple
     seen: set[str] = set()
 
     def add(path: str, rel: str) -> None:
+        if os.path.exists(path) and not is_regular_file(path):  # a FIFO or device would block or never end
+            problems.append(f"{path}: skipped: not a regular file ({file_kind(path)})")
+            return
         key = os.path.realpath(path)
         if key not in seen:
             seen.add(key)
@@ -769,6 +773,7 @@ def run(args) -> int:
 
     try:
         device = _validate_args(args)
+        report_stale_temp_files(args.output, recursive=True)
         items, problems = find_inputs(args.input, exclude_dirs=[args.output])
         for problem in problems:
             print(f"warning: {problem}", file=sys.stderr)

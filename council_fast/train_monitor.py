@@ -104,5 +104,8 @@ class TrainMonitor:
         """What the full-state checkpoint keeps: the latest evaluation and each member's best iteration."""
         return {EVAL_STATE_KEY: self.record.state() | {"direction": self.direction}}
 
+    def flush(self) -> None:
+        self.log.flush()
+
     def close(self) -> None:
         self.log.close()

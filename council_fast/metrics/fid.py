@@ -9,7 +9,7 @@ the eigenvalues of ``S_a S_b`` are the squared singular values of ``A^T B``, so
 ``Tr((S_a S_b)^(1/2))`` is the sum of the singular values of ``A^T B`` (an N_a x N_b matrix: fast when
 there are fewer images than feature dimensions), or, from covariances,
 ``sum sqrt(eig(S_a^(1/2) S_b S_a^(1/2)))`` (symmetric eigendecompositions). ``method="sqrtm"`` runs the
-common tools' computation instead (the tests check the three agree).
+common tools' computation instead (needs scipy; the tests check the three agree).
 
 KID (Binkowski et al. 2018): the unbiased estimate of the squared MMD with the cubic polynomial kernel
 ``k(x, y) = (x.y / d + 1)^3``, averaged over ``subsets`` random subsets of ``subset_size`` features drawn
@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from scipy import linalg
 
 __all__ = ["KID", "fid_from_features", "frechet_distance", "gaussian_stats", "kid_from_features", "mmd2_unbiased"]
 
@@ -53,6 +52,10 @@ def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
 
 def _trace_sqrt_sqrtm(sigma_a: np.ndarray, sigma_b: np.ndarray, eps: float) -> float:
     """pytorch-fid's way: scipy's sqrtm of the product; eps * I added to both when it is not finite."""
+    try:
+        from scipy import linalg  # optional: only this cross-check method needs scipy
+    except ImportError:
+        raise ValueError("method='sqrtm' needs scipy (pip install scipy); the default method does not") from None
     root = linalg.sqrtm(sigma_a @ sigma_b)
     if not np.all(np.isfinite(root)):  # singular product: shift both covariances by eps * I
         offset = np.eye(sigma_a.shape[0]) * eps
