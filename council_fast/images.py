@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 
 from .fileio import atomic_write_bytes
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "open_rgb", "resize_shorter", "center_crop",
+__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "ImageTooLargeError", "open_rgb", "decode_rgb", "resize_shorter", "center_crop",
            "pil_to_tensor", "tensor_to_pil", "save_image", "make_grid", "save_grid", "test_transform"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -33,6 +33,29 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
             return _to_rgb8(im)
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
         raise ImageReadError(f"{os.fspath(path)}: cannot read image ({e})") from None
+
+
+class ImageTooLargeError(ImageReadError):
+    """The image has more pixels than allowed (a decompression bomb, or just too large)."""
+
+
+def decode_rgb(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
+    """``open_rgb`` for bytes in memory (an upload named ``name``); images over ``max_pixels`` are
+    refused before they are decoded (ImageTooLargeError), so a small file cannot expand into gigabytes."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            pixels = im.size[0] * im.size[1]
+            if max_pixels is not None and pixels > max_pixels:
+                raise ImageTooLargeError(f"{name}: {im.size[0]}x{im.size[1]} = {pixels} pixels, more than the "
+                                         f"{max_pixels} allowed")
+            im.load()
+            return _to_rgb8(ImageOps.exif_transpose(im))
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{name}: {e}") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        if isinstance(e, ImageReadError):
+            raise
+        raise ImageReadError(f"{name}: cannot read image ({e})") from None
 
 
 def _to_rgb8(im: Image.Image) -> Image.Image:

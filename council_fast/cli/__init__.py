@@ -15,6 +15,7 @@ COMMANDS = {
     "convert": ("council_fast.convert", "translate image files or folders with trained generators"),
     "parity": ("council_fast.parity", "check that the fused training engine reproduces the reference iteration"),
     "bench": ("council_fast.bench", "benchmark reference eager, torch.compile and the fused engine"),
+    "serve": ("council_fast.cli.serve", "serve translations over HTTP with dynamic batching, a page and metrics"),
     "info": ("council_fast.info", "print versions, devices and which kernel back-ends are available"),
 }
 
@@ -22,7 +23,7 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="council-fast",
                                      description="council-fast: fast, faithful Council-GAN training and conversion.")
-    from . import __version__
+    from .. import __version__
     parser.add_argument("--version", action="version", version=f"council-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
