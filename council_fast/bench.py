@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from .cuda_graphs import GraphedCall
+from .serving.bench_command import add_serve_arguments, run_serve_bench
 from .convert import PRECISIONS, ConvertError, autocast_context, check_precision, fast_generator_class, \
     resolve_device
 
@@ -660,7 +661,7 @@ def _unit_suffix(launch_unit: str | None) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", choices=("convert", "train", "ops"), help="what to benchmark")
+    parser.add_argument("what", choices=("convert", "train", "ops", "serve"), help="what to benchmark")
     parser.add_argument("--config", default="selfie2anime",
                         help="YAML config or packaged name (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -683,6 +684,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "on a busy host)")
     parser.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     parser.add_argument("--json", default=None, metavar="F", help="also write every field as JSON to F")
+    add_serve_arguments(parser.add_argument_group("bench serve (a load test of council-fast serve; --batch is its "
+                                                  "--max-batch, --size the request size, --threads the server's)"))
 
 
 _DEFAULTS = {"convert": (32, 256), "train": (None, None), "ops": (8, 64)}
@@ -691,6 +694,8 @@ _DEFAULTS = {"convert": (32, 256), "train": (None, None), "ops": (8, 64)}
 def run(args) -> int:
     from .config import ConfigError, load_config
 
+    if args.what == "serve":  # issue 14: the load test lives in council_fast.serving.loadtest
+        return run_serve_bench(args, environment)
     try:
         device = resolve_device(args.device)
         check_precision(args.precision, device)

@@ -28,6 +28,7 @@ import torch
 
 from .cuda_graphs import GraphedCall
 from .images import IMAGE_EXTENSIONS, ImageReadError, open_rgb, save_grid, save_image, test_transform
+from .serving.facecrop import DEFAULT_MARGIN, FaceCropError, check_available, crop_face
 
 __all__ = ["ConvertError", "InputItem", "ConversionReport", "Converter", "LoadedModel", "find_inputs",
            "plan_outputs", "load_model", "build_generator", "fast_generator_class", "convert_paths",
@@ -425,8 +426,11 @@ class ConversionReport:
         return line
 
 
-def _load_tensor(item: InputItem, size: int, input_dim: int) -> torch.Tensor:
-    x = test_transform(open_rgb(item.path), size)
+def _load_tensor(item: InputItem, size: int, input_dim: int, face_crop: float | None = None) -> torch.Tensor:
+    im = open_rgb(item.path)
+    if face_crop is not None:  # --face-crop: the largest face, framed as the training faces (issue 14)
+        im = crop_face(im, face_crop).image
+    x = test_transform(im, size)
     if input_dim == 1:
         x = (0.299 * x[0:1] + 0.587 * x[1:2] + 0.114 * x[2:3])  # ITU-R 601 luma, as Pillow's "L"
     return x
@@ -575,7 +579,7 @@ def _step_with_backoff(step: "_BatchStep", batch_items, plans, bar) -> None:
 def convert_paths(items: Sequence[InputItem], converter: Converter, output_dir: str, *, size: int,
                   member_mode: str = "all", styles: int = 1, seed: int = 0, batch: int = 8, workers: int = 2,
                   save_masks: bool = False, grid: bool = False, input_dim: int = 3,
-                  progress: bool = True) -> ConversionReport:
+                  progress: bool = True, face_crop: float | None = None) -> ConversionReport:
     """Convert ``items`` (from find_inputs) into ``output_dir``; never raises for a bad input file.
 
     ``member_mode``: 'all' (every generator of the converter translates every input) or 'random'
@@ -592,7 +596,7 @@ def convert_paths(items: Sequence[InputItem], converter: Converter, output_dir: 
     step = _BatchStep(converter, output_dir, batch, save_masks, writer, grid)
     bar = _progress_bar(len(items), progress)
     start = time.perf_counter()
-    stream = _prefetch(items, lambda it: _load_tensor(it, size, input_dim), workers, lookahead=2 * batch + workers)
+    stream = _prefetch(items, lambda it: _load_tensor(it, size, input_dim, face_crop), workers, lookahead=2 * batch + workers)
     try:
         for batch_items in _batches(stream, batch, report, bar):
             plans = _assign(batch_items, members, member_mode, styles, converter.style_dim, seed)
@@ -712,6 +716,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="threads decoding/resizing inputs and encoding outputs (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    # --- face crop (issue 14; kept apart for the move of convert into cli/ + conversion.py)
+    parser.add_argument("--face-crop", nargs="?", type=float, const=DEFAULT_MARGIN, default=None, metavar="MARGIN",
+                        help="crop each photo to its largest face first, framed as the selfie2anime training faces "
+                             f"(a square MARGIN times the face's side, default {DEFAULT_MARGIN}; the centred square "
+                             "when no face is found); needs opencv-python-headless (the face extra)")
 
 
 def _validate_args(args) -> torch.device:
@@ -733,6 +742,13 @@ def _validate_args(args) -> torch.device:
     return device
 
 
+def check_face_crop(margin: float) -> None:
+    """--face-crop's margin is sane and OpenCV's face cascade can run here (else FaceCropError/ConvertError)."""
+    if margin < 1:
+        raise ConvertError(f"--face-crop margin must be at least 1, got {margin}")
+    check_available()
+
+
 def _check_size(size: int, config: dict) -> None:
     factor = 2 ** config["gen"]["n_downsample"]
     if size % factor:
@@ -751,10 +767,12 @@ def run(args) -> int:
             print(f"warning: {problem}", file=sys.stderr)
         if not items:
             raise ConvertError("no input images found in: " + ", ".join(args.input))
+        if args.face_crop is not None:
+            check_face_crop(args.face_crop)
         model = load_model(args.checkpoint, args.config, args.direction, args.member, args.backend, device)
         size = args.size or model.config["new_size"]
         _check_size(size, model.config)
-    except (ConvertError, CheckpointError, ConfigError) as e:
+    except (ConvertError, CheckpointError, ConfigError, FaceCropError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FATAL
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -771,7 +789,7 @@ def run(args) -> int:
         report = convert_paths(items, converter, args.output, size=size, member_mode=args.member,
                                styles=args.styles, seed=seed, batch=args.batch, workers=args.workers,
                                save_masks=args.save_masks, grid=args.grid, input_dim=input_dim,
-                               progress=not args.quiet)
+                               progress=not args.quiet, face_crop=args.face_crop)
     except OSError as e:  # the output folder or the contact sheet cannot be written
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FATAL

@@ -6,6 +6,7 @@ import base64
 import concurrent.futures
 import io
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -211,13 +212,16 @@ def test_full_queue_503_and_failing_batch_500(ckpt, engine, monkeypatch):
         return real_run(works)
     app = create_app(engine, ServeSettings(max_batch=1, max_wait_ms=0, max_queue=1))
     with TestClient(app) as c:
+        assert app.state.service.batcher.started.wait(60)  # warmed up before the engine is swapped
         monkeypatch.setattr(engine, "run", slow_run)
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             running = pool.submit(post, c, {"member": "0"})
             assert entered.wait(10)
             queued = pool.submit(post, c, {"member": "0", "styles": "3"})
-            while app.state.service.batcher.depth < 1:
-                pass
+            for _ in range(1000):
+                if app.state.service.batcher.depth == 1:
+                    break
+                time.sleep(0.01)
             full = post(c, {"member": "0"})
             assert full.status_code == 503 and int(full.headers["retry-after"]) >= 1
             assert "queue is full" in full.json()["error"]

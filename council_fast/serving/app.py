@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import math
 import os
@@ -354,6 +355,7 @@ def create_app(engine: ServingEngine, settings: ServeSettings | None = None) -> 
     async def page(request: Request) -> Response:
         return FileResponse(os.path.join(PAGE_DIR, "index.html"), media_type="text/html")
 
+    @contextlib.asynccontextmanager
     async def lifespan(app):
         service.batcher.start()
         try:
