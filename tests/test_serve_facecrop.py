@@ -16,7 +16,7 @@ pytest.importorskip("cv2", reason="the face extra is not installed: pip install 
 
 from _serving import photo  # noqa: E402
 from council_fast import convert  # noqa: E402
-from council_fast.images import test_transform  # noqa: E402
+from council_fast import images as cf_images  # noqa: E402
 from council_fast.serving.facecrop import crop_face, detect_faces  # noqa: E402
 
 HOPPER = os.path.join(os.path.dirname(__file__), "data", "grace_hopper.jpg")
@@ -84,7 +84,7 @@ def test_convert_face_crop_translates_the_cropped_face(tmp_path, hopper):
     a, b, c = (np.asarray(Image.open(tmp_path / o / "hopper_m0_s0.png")) for o in ("oa", "ob", "oc"))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)  # the crop changed what was translated
-    assert test_transform(crop_face(hopper).image, 32).shape == (3, 32, 32)
+    assert cf_images.test_transform(crop_face(hopper).image, 32).shape == (3, 32, 32)
 
 
 def test_serve_face_crop_reports_the_box(tmp_path, hopper):
@@ -104,7 +104,8 @@ def test_serve_face_crop_reports_the_box(tmp_path, hopper):
         r = client.post("/v1/translate", files={"image": ("h.jpg", buf.getvalue(), "image/jpeg")}, data={"member": "0"})
         assert r.status_code == 200, r.text
         face = r.json()["face"]
-        assert face["found"] and face["box"] == list(crop_face(hopper).box) and face["photo_size"] == [512, 600]
+        sent = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+        assert face["found"] and face["box"] == list(crop_face(sent).box) and face["photo_size"] == [512, 600]
         off = client.post("/v1/translate", files={"image": ("h.jpg", buf.getvalue(), "image/jpeg")},
                           data={"member": "0", "face_crop": "0"})
         assert off.status_code == 200 and off.json()["face"] is None
