@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from .convert_ranks import join, launched_by_torchrun
 from .cuda_graphs import GraphedCall
 from .images import IMAGE_EXTENSIONS, ImageReadError, open_rgb, save_grid, save_image, test_transform
 from .serving.facecrop import DEFAULT_MARGIN, FaceCropError, check_available, crop_face
@@ -760,8 +761,14 @@ def run(args) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
 
+    ranks = None
     try:
         device = _validate_args(args)
+        if launched_by_torchrun():  # --- sharded over torchrun's ranks (issue 14; council_fast.convert_ranks)
+            ranks = join(args.device)
+            device = ranks.device
+            if args.grid:
+                raise ConvertError("--grid is not available when conversion is sharded over several processes")
         items, problems = find_inputs(args.input, exclude_dirs=[args.output])
         for problem in problems:
             print(f"warning: {problem}", file=sys.stderr)
@@ -772,10 +779,16 @@ def run(args) -> int:
         model = load_model(args.checkpoint, args.config, args.direction, args.member, args.backend, device)
         size = args.size or model.config["new_size"]
         _check_size(size, model.config)
+        if ranks is not None:  # every rank plans every name, then takes its share
+            items = ranks.shard(plan_outputs(items, args.output, sorted(model.generators), args.styles))
     except (ConvertError, CheckpointError, ConfigError, FaceCropError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FATAL
-    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    if ranks is not None:
+        seed = ranks.common_seed(args.seed)
+        args.quiet = args.quiet or ranks.rank > 0
+    else:
+        seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     input_dim = model.config["input_dim_a"] if model.direction == "a2b" else model.config["input_dim_b"]
     if args.batch is None:
         args.batch = default_batch(device, size, args.precision)
@@ -793,6 +806,11 @@ def run(args) -> int:
     except OSError as e:  # the output folder or the contact sheet cannot be written
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FATAL
+    if ranks is not None:  # one report, printed by rank 0; every rank exits alike
+        report = ranks.gather(report)
+        ranks.close()
+        if ranks.rank > 0:
+            return EXIT_SOME_FAILED if report.failed else 0
     rate = report.converted / report.seconds if report.seconds > 0 else 0.0
     print(f"{report.summary()} ({rate:.1f} inputs/s) -> {args.output}"
           + (f"; contact sheet {report.grid}" if report.grid else "")
