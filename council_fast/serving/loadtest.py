@@ -10,7 +10,7 @@ inputs (not an image, truncated, a decompression bomb, an oversize upload, an un
 out-of-range value), each of which must get a 4xx. The server's resident memory is read from
 /metrics about once a second. Only loopback traffic; every loop is bounded by count and time.
 
-Result rows (JSON ``results``): name, max_batch, max_wait_ms, clients, requests (sent), ok (good
+Result rows (JSON ``results``): name, max_batch, max_wait_ms, clients, engine, requests (sent), ok (good
 answered 200 and correct), wrong, bad_4xx, bad_not_4xx, other_errors, status_counts, seconds,
 throughput_rps (good answers per second), p50_ms / p95_ms / p99_ms / mean_ms (good requests),
 mean_batch_size (from the server's batch-size histogram), rss_mib (samples, about one a second),
@@ -61,6 +61,7 @@ class LoadResult:
     max_batch: int
     max_wait_ms: float
     clients: int
+    engine: str | None = None  # as the server's /v1/info says (fused (cpu), reference, ...)
     requests: int = 0
     ok: int = 0
     wrong: int = 0
@@ -238,6 +239,7 @@ def run_load(server: LocalServer, name: str, max_batch: int, max_wait_ms: float,
     expected = _expected_answers(server, good)
     before = server.metrics()
     result = LoadResult(name, max_batch, max_wait_ms, clients)
+    result.engine = json.loads(_get(server.url + "/v1/info")[1]).get("engine")
     every = max(1, round(1 / bad_fraction)) if bad_fraction > 0 else 0
     counter, lock, latencies = itertools.count(), threading.Lock(), []
     status_counts: dict[int, int] = {}
