@@ -597,7 +597,8 @@ def convert_paths(items: Sequence[InputItem], converter: Converter, output_dir: 
     step = _BatchStep(converter, output_dir, batch, save_masks, writer, grid)
     bar = _progress_bar(len(items), progress)
     start = time.perf_counter()
-    stream = _prefetch(items, lambda it: _load_tensor(it, size, input_dim, face_crop), workers, lookahead=2 * batch + workers)
+    stream = _prefetch(items, lambda it: _load_tensor(it, size, input_dim, face_crop), workers,
+                       lookahead=2 * batch + workers)
     try:
         for batch_items in _batches(stream, batch, report, bar):
             plans = _assign(batch_items, members, member_mode, styles, converter.style_dim, seed)

@@ -159,7 +159,8 @@ def test_bad_input_gets_4xx_naming_the_problem(client, case, status, words):
         "size too big": lambda: post(client, {"size": "128"}),
         "format": lambda: post(client, {"format": "gif"}),
         "png of many": lambda: post(client, {"format": "png"}),
-        "not multipart": lambda: client.post("/v1/translate", content=b"{}", headers={"content-type": "application/json"}),
+        "not multipart": lambda: client.post("/v1/translate", content=b"{}",
+                                             headers={"content-type": "application/json"}),
     }
     r = requests[case]()
     assert r.status_code == status, r.text

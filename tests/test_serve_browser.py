@@ -6,6 +6,7 @@ chromium / chromedriver / selenium the test is skipped and says what to install;
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -61,11 +62,7 @@ def browser():
 def server(tmp_path):
     torch.set_num_threads(1)
     engine = ServingEngine(make_checkpoint(tmp_path), "tiny", device="cpu", backend="reference", max_batch=4)
-    try:
-        import cv2  # noqa: F401 - the face box is drawn when OpenCV is there
-        face = True
-    except ImportError:
-        face = False
+    face = importlib.util.find_spec("cv2") is not None  # the face box is drawn when OpenCV is there
     with uvicorn_server(create_app(engine, ServeSettings(max_batch=4, face_crop=face))) as url:
         yield url, face
 

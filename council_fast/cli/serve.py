@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=int, default=40_000_000,
                         help="images with more pixels are refused before decoding (default: %(default)s)")
     parser.add_argument("--max-styles", type=int, default=16, help="styles per request at most (default: %(default)s)")
-    parser.add_argument("--max-size", type=int, default=1024, help="largest 'size' a request may ask (default: %(default)s)")
+    parser.add_argument("--max-size", type=int, default=1024,
+                        help="largest 'size' a request may ask (default: %(default)s)")
     parser.add_argument("--face-crop", action="store_true",
                         help="crop every photo to its largest face first (a request's face_crop field overrides; "
                              "needs the face extra: opencv-python-headless)")
