@@ -31,7 +31,7 @@ def test_bad_inputs_under_load_get_4xx_and_good_ones_the_right_answer(ckpt):
                               good=good, bad=bad)
         assert server.metrics()["council_fast_ready"] == 1  # still up
     assert r.failures == [] and r.wrong == 0 and r.other_errors == 0 and r.bad_not_4xx == 0
-    assert r.requests == 48 and r.bad_4xx == 12 and r.ok == 36
+    assert r.requests == 48 and r.bad_4xx == 12 and r.ok == 36 and r.exact == 36  # batched == alone, to the byte
     assert set(r.status_counts) <= {"200", "400", "413", "422"} and r.status_counts["413"] >= 2  # bomb + oversize
     assert r.mean_batch_size is not None and r.mean_batch_size >= 1 and r.rss_mib
 
