@@ -28,6 +28,7 @@ import torch
 
 from .convert_ranks import join, launched_by_torchrun
 from .cuda_graphs import GraphedCall
+from .fileio import file_kind, is_regular_file, report_stale_temp_files
 from .images import IMAGE_EXTENSIONS, ImageReadError, open_rgb, save_grid, save_image, test_transform
 from .serving.facecrop import DEFAULT_MARGIN, FaceCropError, check_available, crop_face
 
@@ -115,6 +116,9 @@ def find_inputs(specs: Sequence[str], exclude_dirs: Iterable[str] = ()) -> tuple
     seen: set[str] = set()
 
     def add(path: str, rel: str) -> None:
+        if os.path.exists(path) and not is_regular_file(path):  # a FIFO or device would block or never end
+            problems.append(f"{path}: skipped: not a regular file ({file_kind(path)})")
+            return
         key = os.path.realpath(path)
         if key not in seen:
             seen.add(key)
@@ -770,6 +774,7 @@ def run(args) -> int:
             device = ranks.device
             if args.grid:
                 raise ConvertError("--grid is not available when conversion is sharded over several processes")
+        report_stale_temp_files(args.output, recursive=True)
         items, problems = find_inputs(args.input, exclude_dirs=[args.output])
         for problem in problems:
             print(f"warning: {problem}", file=sys.stderr)
