@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 
 from .fileio import atomic_write_bytes
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "open_rgb", "resize_shorter", "center_crop",
+__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "open_rgb", "as_rgb8", "resize_shorter", "center_crop",
            "pil_to_tensor", "tensor_to_pil", "save_image", "make_grid", "save_grid", "test_transform"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -29,10 +29,14 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()  # truncated files fail here, not later
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb8(im)
+            return as_rgb8(im)
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
         raise ImageReadError(f"{os.fspath(path)}: cannot read image ({e})") from None
+
+
+def as_rgb8(im: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB, as read from a file: EXIF rotation applied, transparency on white."""
+    return _to_rgb8(ImageOps.exif_transpose(im))
 
 
 def _to_rgb8(im: Image.Image) -> Image.Image:
