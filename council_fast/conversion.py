@@ -351,17 +351,8 @@ class _BatchStep:
 
     def _member(self, member: int, items: list[InputItem], styles: list[torch.Tensor], x: torch.Tensor) -> None:
         """Encode the inputs once, then decode every (input, style) pair in chunks of ``batch``."""
-        content = self.converter.encode(member, x)
-        pairs = [(pos, s) for pos in range(len(items)) for s in range(styles[pos].shape[0])]
-        for start in range(0, len(pairs), self.batch):
-            chunk = pairs[start:start + self.batch]
-            sel = torch.tensor([pos for pos, _ in chunk], device=x.device)
-            z = torch.stack([styles[pos][s] for pos, s in chunk])
-            result = self.converter.decode(member, None if content is None else content[sel], z, x[sel],
-                                           return_mask=self.save_masks)
-            out, masks = (result[0].cpu(), result[1].cpu()) if self.save_masks else (result.cpu(), None)
-            for row, (pos, s) in enumerate(chunk):
-                self._emit(items[pos], member, s, out[row], None if masks is None else masks[row])
+        for pos, s, out, mask in self.converter.decode_styles(member, x, styles, self.batch, self.save_masks):
+            self._emit(items[pos], member, s, out, mask)
 
     def _emit(self, item: InputItem, member: int, style: int, out: torch.Tensor, mask) -> None:
         self.writer.submit(item.path, out, os.path.join(self.output_dir, output_name(item.rel, member, style)))

@@ -6,6 +6,8 @@ import os
 import tempfile
 from typing import Callable, Iterator
 
+import torch
+
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_torch_save"]
 
 
@@ -38,6 +40,5 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_torch_save(obj, path: str | os.PathLike, save: Callable | None = None) -> None:
-    import torch
     with atomic_path(path) as tmp:
         (save or torch.save)(obj, tmp)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import zlib
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -272,6 +272,24 @@ class Converter:
             return result[0].float(), result[1].float()
         return result.float()
 
+    def decode_styles(self, member: int, x: torch.Tensor, styles: Sequence[torch.Tensor], chunk: int,
+                      return_mask: bool = False) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
+        """Encode ``x`` once, then decode every (input, style) pair, ``chunk`` pairs per call, inputs in
+        order and each input's styles (``styles[i]``: (S_i, style_dim)) in order. Yields
+        (input index, style index, image, mask or None), on the CPU."""
+        x = x.to(self.device)
+        content = self.encode(member, x)
+        pairs = [(pos, s) for pos in range(x.shape[0]) for s in range(styles[pos].shape[0])]
+        for start in range(0, len(pairs), chunk):
+            part = pairs[start:start + chunk]
+            sel = torch.tensor([pos for pos, _ in part], device=x.device)
+            z = torch.stack([styles[pos][s] for pos, s in part])
+            result = self.decode(member, None if content is None else content[sel], z, x[sel],
+                                 return_mask=return_mask)
+            out, masks = (result[0].cpu(), result[1].cpu()) if return_mask else (result.cpu(), None)
+            for row, (pos, s) in enumerate(part):
+                yield pos, s, out[row], None if masks is None else masks[row]
+
     def translate_batch(self, member: int, x: torch.Tensor, z: torch.Tensor, return_mask: bool = False):
         """Translate a batch x (B, C, H, W) in [-1, 1] with style codes z (B, style_dim[, 1, 1])."""
         return self.decode(member, self.encode(member, x), z, x, return_mask=return_mask)
@@ -359,7 +377,8 @@ def translate(generators, images, member: int | None = None, styles: int = 1, se
     the config's new_size, as convert does), or a (C, H, W) / (B, C, H, W) tensor in [-1, 1] taken
     as it is. ``member``: default the lowest index held. Input i's ``styles`` style codes come from
     ``seed`` (default: random) and its name (``names[i]``, default ``str(i)``): the rule convert
-    follows with output stems as names, so the same seed and name give convert's image.
+    follows with output stems as names. The images are computed as convert computes a batch of them
+    (``--batch len(images)``), so the same seed and names give convert's images.
 
     Returns what came in: PIL in, PIL out; a tensor in, a tensor out (on the input's device). With
     ``styles`` > 1 each image becomes a list of ``styles`` images (PIL) or the tensor gains a style
@@ -374,14 +393,14 @@ def translate(generators, images, member: int | None = None, styles: int = 1, se
     if len(names) != x.shape[0]:
         raise ConvertError(f"translate: {len(names)} names for {x.shape[0]} images")
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
-    z = torch.stack([draw_plan(seed, name, [member], "all", styles, gens.style_dim)[1] for name in names])
-    converter = gens.converter()
-    content = converter.encode(member, x)
-    outs = torch.stack([converter.decode(member, content, z[:, s], x) for s in range(styles)], dim=1)
+    z = [draw_plan(seed, name, [member], "all", styles, gens.style_dim)[1] for name in names]
+    outs = torch.empty(x.shape[0], styles, *x.shape[1:])
+    for pos, s, image, _ in gens.converter().decode_styles(member, x, z, chunk=x.shape[0]):
+        outs[pos, s] = image
     if not pil:
         outs = outs.to(x.device)
         outs = outs[:, 0] if styles == 1 else outs
         return outs[0] if single else outs
-    result = [[tensor_to_pil(o) for o in per_image] for per_image in outs.cpu()]
+    result = [[tensor_to_pil(o) for o in per_image] for per_image in outs]
     result = [r[0] if styles == 1 else r for r in result]
     return result[0] if single else result

@@ -5,7 +5,6 @@ import argparse
 import glob
 import hashlib
 import os
-import sys
 import zlib
 
 import numpy as np
