@@ -13,7 +13,9 @@ import torch
 import yaml
 from PIL import Image
 
+from council_fast import checkpoint as ckpt_mod
 from council_fast import conversion, inference
+from council_fast.cli import main
 from council_fast.cli import convert
 from council_fast.config import packaged_config
 from council_fast import images as cf_images
@@ -164,11 +166,8 @@ def test_unknown_member_is_an_error(tmp_path, images, ckpt, capsys):
 
 
 def test_full_state_checkpoint_carries_its_config(tmp_path, images, ckpt, cfg):
-    checkpoint = pytest.importorskip("council_fast.checkpoint")
-    if not hasattr(checkpoint, "save_full_state"):
-        pytest.skip("council_fast.checkpoint.save_full_state does not exist yet")
     path = tmp_path / "state_00000010.pt"
-    checkpoint.save_full_state(path, {"config": cfg, "iteration": 9, "engine": "reference",
+    ckpt_mod.save_full_state(path, {"config": cfg, "iteration": 9, "engine": "reference",
                                       "networks": {"b2a": {"gen": [ckpt["gens"][0].state_dict(),
                                                                    ckpt["gens"][1].state_dict()]}}})
     out = tmp_path / "out"
@@ -506,18 +505,8 @@ def test_find_inputs_and_plan_outputs(tmp_path):
 
 
 def test_cli_routes_convert(tmp_path, images, ckpt):
-    try:
-        from council_fast.cli import main
-        main_parser_ok = True
-    except ImportError:
-        main_parser_ok = False
-    if not main_parser_ok:
-        pytest.skip("council_fast.cli cannot be imported")
-    try:
-        status = main(["convert", "--config", "tiny", "--checkpoint", ckpt["member3"], "--input",
-                       str(images / "dog.png"), "--output", str(tmp_path / "o"), "--quiet", "--seed", "1"])
-    except ModuleNotFoundError as e:
-        pytest.skip(f"another command module is missing: {e}")
+    status = main(["convert", "--config", "tiny", "--checkpoint", ckpt["member3"], "--input",
+                   str(images / "dog.png"), "--output", str(tmp_path / "o"), "--quiet", "--seed", "1"])
     assert status == 0 and os.listdir(tmp_path / "o") == ["dog_m3_s0.png"]
 
 
