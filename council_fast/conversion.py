@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from tqdm import tqdm
 
+from .fileio import file_kind, is_regular_file
 from .images import IMAGE_EXTENSIONS, ImageReadError, open_rgb, save_grid, save_image
 from .inference import ConvertError, Converter, draw_plan, image_tensor
 
@@ -72,6 +73,9 @@ def find_inputs(specs: Sequence[str], exclude_dirs: Iterable[str] = ()) -> tuple
     seen: set[str] = set()
 
     def add(path: str, rel: str) -> None:
+        if os.path.exists(path) and not is_regular_file(path):  # a FIFO or device would block or never end
+            problems.append(f"{path}: skipped: not a regular file ({file_kind(path)})")
+            return
         key = os.path.realpath(path)
         if key not in seen:
             seen.add(key)

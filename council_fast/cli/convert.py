@@ -20,6 +20,7 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
+from ..fileio import report_stale_temp_files
 from ..conversion import GRID_NAME, check_size, convert_paths, default_batch, find_inputs
 from ..inference import KERNEL_BACKENDS, ConvertError, Converter, load_generators
 from ..runtime import PRECISIONS, SetupError, check_precision, resolve_device
@@ -95,6 +96,7 @@ def _engine(backend: str) -> tuple[str, str]:
 def _load(args):
     """(device, inputs, generators, size), or raises the error that stops the run before it starts."""
     device = _validate_args(args)
+    report_stale_temp_files(args.output, recursive=True)
     items, problems = find_inputs(args.input, exclude_dirs=[args.output])
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
