@@ -18,7 +18,7 @@ pytest.importorskip("multipart", reason="the serve extra is not installed: pip i
 from starlette.testclient import TestClient  # noqa: E402
 
 from _serving import MEMBERS, encoded, make_checkpoint, photo  # noqa: E402
-from council_fast import convert  # noqa: E402
+from council_fast.cli import convert  # noqa: E402
 from council_fast.cli import serve as serve_cli  # noqa: E402
 from council_fast.serving.app import ServeSettings, create_app  # noqa: E402
 from council_fast.serving.engine import ServingEngine  # noqa: E402

@@ -15,9 +15,9 @@ from PIL import Image
 pytest.importorskip("cv2", reason="the face extra is not installed: pip install -e '.[face]'")
 
 from _serving import photo  # noqa: E402
-from council_fast import convert  # noqa: E402
+from council_fast.cli import convert  # noqa: E402
 from council_fast import images as cf_images  # noqa: E402
-from council_fast.serving.facecrop import crop_face, detect_faces  # noqa: E402
+from council_fast.facecrop import crop_face, detect_faces  # noqa: E402
 
 HOPPER = os.path.join(os.path.dirname(__file__), "data", "grace_hopper.jpg")
 

@@ -13,10 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
-from ..convert import ENGINE_BACKENDS, PRECISIONS, ConvertError
-from ..serving.facecrop import FaceCropError, check_available
+from ..inference import KERNEL_BACKENDS, ConvertError
+from ..runtime import PRECISIONS, SetupError
+from ..serving.engine import ServingEngine
+from ..facecrop import FaceCropError, check_available
 
 __all__ = ["add_arguments", "run", "build_app"]
 
@@ -30,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="default: %(default)s")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="default: %(default)s")
-    parser.add_argument("--backend", choices=ENGINE_BACKENDS, default="auto", help="default: %(default)s")
+    parser.add_argument("--backend", choices=KERNEL_BACKENDS, default="auto", help="default: %(default)s")
     parser.add_argument("--max-batch", type=int, default=32, help="requests per model batch (default: %(default)s)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0,
                         help="how long the oldest request waits for its batch to fill (default: %(default)s)")
@@ -73,9 +77,8 @@ def _settings(args):
 
 
 def build_app(args):
-    """(app, engine) from parsed arguments; raises ConvertError / CheckpointError / ConfigError / ImportError."""
-    from ..serving.app import create_app
-    from ..serving.engine import ServingEngine
+    """(app, engine) from parsed arguments; raises SetupError (ConvertError) / CheckpointError / ConfigError / ImportError."""
+    from ..serving.app import create_app  # the serve extra (starlette), only when serving
 
     settings = _settings(args)
     if args.face_crop:
@@ -86,20 +89,18 @@ def build_app(args):
 
 
 def run(args) -> int:
-    import torch
-
     if args.threads is not None:
         if args.threads < 1:
             print(f"error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
             return 2
         torch.set_num_threads(args.threads)
     try:
-        import uvicorn
+        import uvicorn  # the serve extra
         app, engine = build_app(args)
     except ImportError as e:
         print(f'error: {e}. Serving needs the serve extra: pip install "council-fast[serve]"', file=sys.stderr)
         return 2
-    except (ConvertError, CheckpointError, ConfigError, FaceCropError, ValueError) as e:
+    except (SetupError, CheckpointError, ConfigError, FaceCropError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"council-fast serve: members {','.join(map(str, engine.members))}, engine {engine.engine}, "

@@ -41,10 +41,10 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from ..facecrop import DEFAULT_MARGIN, FaceCropError, crop_face
 from ..images import ImageReadError, ImageTooLargeError, decode_rgb, tensor_to_pil
 from .batcher import Batcher, QueueFull, ShuttingDown
 from .engine import ServingEngine, Work, safe_stem, style_codes
-from .facecrop import DEFAULT_MARGIN, FaceCropError, crop_face
 from .metrics import CONTENT_TYPE, Metrics
 
 __all__ = ["ServeSettings", "create_app", "PAGE_DIR"]

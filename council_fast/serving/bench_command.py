@@ -9,8 +9,9 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError, load_config
-from ..convert import ConvertError, resolve_device
 from ..fileio import atomic_write_bytes
+from ..inference import ConvertError
+from ..runtime import SetupError, resolve_device
 from . import loadtest
 
 __all__ = ["add_serve_arguments", "run_serve_bench"]
@@ -48,7 +49,7 @@ def run_serve_bench(args, environment: Callable[[torch.device], dict]) -> int:
         size = args.size or int(config["new_size"])
         if size % 2 ** config["gen"]["n_downsample"]:
             raise ConvertError(f"--size {size} must be a multiple of {2 ** config['gen']['n_downsample']}")
-    except (ConvertError, ConfigError) as e:
+    except (SetupError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     server_args = ["--device", str(device), "--precision", args.precision, "--backend", args.backend,

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .. import convert as _convert
-from ..images import test_transform
+from ..conversion import check_size
+from ..inference import ConvertError, Converter, draw_plan, image_tensor, load_generators, split_backend
+from ..runtime import resolve_device
 
 __all__ = ["ServingEngine", "EngineError", "Work", "style_codes", "buckets"]
 
-EngineError = _convert.ConvertError
+EngineError = ConvertError
 
 
 def buckets(max_batch: int) -> list[int]:
@@ -45,8 +46,7 @@ def safe_stem(filename: str | None) -> str:
 
 def style_codes(seed: int, stem: str, styles: int, style_dim: int) -> torch.Tensor:
     """(styles, style_dim) codes z ~ N(0, I), exactly those convert draws for an input named ``stem``."""
-    g = _convert._item_rng(seed, _convert.InputItem(stem, stem))
-    return torch.randn(styles, style_dim, generator=g)
+    return draw_plan(seed, stem, [0], "all", styles, style_dim)[1]
 
 
 @dataclass
@@ -65,30 +65,27 @@ class ServingEngine:
                  max_batch: int = 32, cuda_graphs: bool | None = None):
         if max_batch < 1:
             raise EngineError(f"--max-batch must be at least 1, got {max_batch}")
-        self.device = _convert.resolve_device(device)
-        _convert.check_precision(precision, self.device)
-        model = _convert.load_model(checkpoint, config, direction, "all", backend, self.device)
-        self.config, self.engine, self.source = model.config, model.engine, model.source
-        self.members = sorted(model.generators)
-        self.size = int(model.config["new_size"])
-        self.size_factor = 2 ** model.config["gen"]["n_downsample"]
-        self.input_dim = model.config["input_dim_a" if model.direction == "a2b" else "input_dim_b"]
-        self.style_dim = int(model.config["gen"]["style_dim"])
+        self.device = resolve_device(device)
+        engine, kernels = split_backend(backend)
+        gens = load_generators(checkpoint, config, "all", engine, self.device, precision, direction, kernels)
+        self.config, self.engine, self.source = gens.config, gens.engine, gens.source
+        self.members = sorted(gens)
+        self.size = int(gens.config["new_size"])
+        self.size_factor = 2 ** gens.config["gen"]["n_downsample"]
+        self.input_dim = gens.input_dim
+        self.style_dim = gens.style_dim
         self.precision, self.max_batch = precision, max_batch
         graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.buckets = buckets(max_batch) if graphs else [max_batch]
-        self._converters = {b: _convert.Converter(model.generators, self.device, precision, style_dim=self.style_dim,
-                                                  cuda_graphs=graphs, graph_batch=b) for b in self.buckets}
+        self._converters = {b: Converter(gens, self.device, precision, style_dim=self.style_dim,
+                                         cuda_graphs=graphs, graph_batch=b) for b in self.buckets}
 
     def check_size(self, size: int) -> None:
-        _convert._check_size(size, self.config)
+        check_size(size, self.config)
 
     def prepare(self, im: Image.Image, size: int) -> torch.Tensor:
         """The model input for a photo, as convert makes it."""
-        x = test_transform(im, size)
-        if self.input_dim == 1:
-            x = 0.299 * x[0:1] + 0.587 * x[1:2] + 0.114 * x[2:3]
-        return x
+        return image_tensor(im, size, self.input_dim)
 
     def _converter(self, n: int):
         return self._converters[next(b for b in self.buckets if b >= n)]
