@@ -28,8 +28,8 @@ from .ops import resolve_backend
 from .reference.networks import AdaINGen
 from .runtime import PRECISIONS, SetupError, autocast_context, check_precision
 
-__all__ = ["split_backend", "ConvertError", "Generators", "Converter", "load_generators", "translate", "build_generator",
-           "kernel_backend", "runs_in_parameter_dtype", "image_tensor", "draw_plan", "ENGINES",
+__all__ = ["ConvertError", "Generators", "Converter", "load_generators", "translate", "build_generator",
+           "split_backend", "kernel_backend", "runs_in_parameter_dtype", "image_tensor", "draw_plan", "ENGINES",
            "KERNEL_BACKENDS"]
 
 ENGINES = ("auto", "fused", "reference")  # auto: fused when it can run here, else reference

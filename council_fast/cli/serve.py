@@ -77,7 +77,7 @@ def _settings(args):
 
 
 def build_app(args):
-    """(app, engine) from parsed arguments; raises SetupError (ConvertError) / CheckpointError / ConfigError / ImportError."""
+    """(app, engine) from parsed arguments; raises SetupError / CheckpointError / ConfigError / ImportError."""
     from ..serving.app import create_app  # the serve extra (starlette), only when serving
 
     settings = _settings(args)

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..reference.networks import AdaINGen
+
 __all__ = ["LoadResult", "Payload", "run_load", "LocalServer", "bench_serve", "make_payloads", "random_checkpoint"]
 
 BOUNDARY = "council-fast-load-boundary"
@@ -358,7 +360,6 @@ def _sample_rss(server: LocalServer, out: list, stop: threading.Event) -> None:
 
 def random_checkpoint(config: dict, folder: str, seed: int = 0) -> str:
     """Official member files with random weights for ``config`` in ``folder``; returns their prefix."""
-    from ..reference.networks import AdaINGen
 
     n = config["council"]["council_size"]
     direction = "b2a" if config.get("do_b2a", True) else "a2b"
