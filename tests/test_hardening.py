@@ -377,7 +377,8 @@ def test_6_sigterm_finishes_the_iteration_saves_and_exits_143(micro_config, synt
     assert proc.returncode == 143, err
     assert "SIGTERM" in err
     state = ckpt.load_full_state(ckpt.latest_full_state_path(out / "checkpoints"))
-    assert 2 <= state["iteration"] < 1000
+    # The signal may land before the second iteration starts: every finished iteration is saved, none lost.
+    assert 1 <= state["iteration"] < 1000
 
 
 # --------------------------------------------------------------------------- 7. leftovers of kill -9
