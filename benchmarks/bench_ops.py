@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from council_fast.config import packaged_config
-from council_fast.ops import _backend
+from council_fast.ops import why_unavailable
 from council_fast.reference.networks import AdaINGen, blend_with_masks
 
 BATCH = int(os.environ.get("COUNCIL_FAST_BENCH_BATCH", "2"))
@@ -33,7 +33,7 @@ def _sync():
 def _backends() -> list:
     params = [pytest.param("reference", id="reference")]
     for name in ("triton", DEVICE.type):
-        reason = _backend._why_unavailable(name, DEVICE)
+        reason = why_unavailable(name, DEVICE)
         params.append(pytest.param(name, id=name, marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
     return params
 

@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 from council_fast.cli import main
-from council_fast.ops import _backend
+from council_fast.ops import extension
 
 
 def test_info_reports_the_cached_cpu_build(capsys):
-    _backend.load_extension("cpu")  # built (or loaded from the cache) by now
-    assert _backend.cached_build("cpu") is not None
+    extension.load_extension("cpu")  # built (or loaded from the cache) by now
+    assert extension.cached_build("cpu") is not None
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     lines = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in out.splitlines() if ":" in line}
     assert lines["torch"] and lines["cpu/reference"] == "available"
-    assert lines["cpu/cpu"].startswith("built (") and _backend.cached_build("cpu") in lines["cpu/cpu"]
+    assert lines["cpu/cpu"].startswith("built (") and extension.cached_build("cpu") in lines["cpu/cpu"]
     assert lines["cpu/cuda"].startswith("unavailable: the cuda back-end runs on CUDA tensors")
 
 
@@ -20,8 +20,8 @@ def test_cached_build_is_none_for_changed_sources(monkeypatch):
     """The cache key hashes the sources: other flags name another build, which does not exist."""
     monkeypatch.setenv("COUNCIL_FAST_NATIVE", "0")
     monkeypatch.setattr(_backend, "_cpu_flags", lambda: "a CPU no build was made for")
-    monkeypatch.setattr(_backend.torch, "__version__", "0.0.0-never-built")
-    assert _backend.cached_build("cpu") is None
+    monkeypatch.setattr(extension.torch, "__version__", "0.0.0-never-built")
+    assert extension.cached_build("cpu") is None
 
 
 def test_a_left_over_build_lock_is_named_not_waited_on_for_ever(monkeypatch, tmp_path, capsys):
@@ -33,18 +33,18 @@ def test_a_left_over_build_lock_is_named_not_waited_on_for_ever(monkeypatch, tmp
     import pytest
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    _backend.wait_for_build_lock("some_build")  # no lock: returns at once
+    extension.wait_for_build_lock("some_build")  # no lock: returns at once
     lock = tmp_path / "some_build" / "lock"
     lock.write_text("")
     threading.Timer(0.3, lock.unlink).start()  # a build that finishes
-    _backend.wait_for_build_lock("some_build", poll_s=0.05)
+    extension.wait_for_build_lock("some_build", poll_s=0.05)
     assert f"waiting for {lock}" in capsys.readouterr().err
     lock.write_text("")
     hour_ago = time.time() - 3600
     os.utime(lock, (hour_ago, hour_ago))
-    with pytest.raises(_backend.BackendUnavailable, match=r"60 minutes old: a build of some_build was "
+    with pytest.raises(extension.BackendUnavailable, match=r"60 minutes old: a build of some_build was "
                                                           r"interrupted; delete that file"):
-        _backend.wait_for_build_lock("some_build")
+        extension.wait_for_build_lock("some_build")
 
 
 def test_commands_let_cudnn_pick_the_fastest_algorithms(monkeypatch, capsys):

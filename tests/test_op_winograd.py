@@ -12,7 +12,6 @@ from council_fast.ops.winograd import conv3x3, conv3x3_reference, matrices, wino
 @pytest.fixture(autouse=True)
 def _small_layers_use_winograd(monkeypatch):
     monkeypatch.setattr(winograd, "WINOGRAD_MIN_CHANNELS", 1)
-    monkeypatch.setattr(winograd, "POISON_OUTPUTS", True)
 
 
 def _assert_close(actual, expected, tol, what):

@@ -2,26 +2,40 @@
 
 The C++ sources in csrc/ are JIT-built once per source hash and cached (torch's extension
 tooling with ninja; TORCH_EXTENSIONS_DIR moves the cache). Every ``*_cpu.cpp`` goes into the CPU
-extension and every ``*_cuda.cu`` / ``*_cuda.cpp`` into the CUDA one, each beside
-``csrc/module.cpp``.
+extension, with ``csrc/schemas.cpp``, and every ``*_cuda.cu`` / ``*_cuda.cpp`` into the CUDA one,
+each beside ``csrc/module.cpp``.
+
+Every kernel has one schema, defined once in csrc/schemas.cpp (``TORCH_LIBRARY(council_fast, m)``),
+and two implementations, ``TORCH_LIBRARY_IMPL(council_fast, CPU, m)`` in the CPU module and
+``(council_fast, CUDA, m)`` in the CUDA one; the dispatcher picks by the tensors' device. A
+namespace may be defined by one library only, so the schemas live in exactly one module: the CPU
+one, which every machine can build and which the CUDA module therefore loads first. (Defining them
+from Python instead would leave the C++ files without their schemas; compiling the definitions into
+both modules would register every op twice.) :func:`kernels` returns the namespace to call them
+through; tests/_cuda_emulator.py points the ``cuda`` entry of :data:`NAMESPACES` at its own copy.
 """
 from __future__ import annotations
 
 import glob
 import hashlib
+import importlib
 import os
+import platform
 import sys
 import threading
 import time
 
 import torch
 
-__all__ = ["BackendUnavailable", "load_extension", "cached_build", "csrc_dir", "wait_for_build_lock", "CUDA_FLAGS"]
+__all__ = ["BackendUnavailable", "load_extension", "kernels", "cached_build", "csrc_dir", "wait_for_build_lock",
+           "CUDA_FLAGS", "NAMESPACES"]
 
 # No --use_fast_math: it turns tanhf into tanh.approx.f32 (~5e-4 relative error), far outside the
 # decoder tail's fp32 tolerance.
 CUDA_FLAGS = ["-O3", "-std=c++17"]
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entered: the CUDA module loads the CPU one first
+# The torch.ops namespace each extension's kernels are called through.
+NAMESPACES = {"cpu": "council_fast", "cuda": "council_fast"}
 
 
 class BackendUnavailable(RuntimeError):
@@ -43,7 +57,8 @@ def _sources(kind: str) -> list[str]:
     files = sorted(f for p in patterns for f in glob.glob(os.path.join(root, p)))
     if not files:
         raise BackendUnavailable(f"no {kind} kernel sources in {root}")
-    return [os.path.join(root, "module.cpp")] + files
+    schemas = [os.path.join(root, "schemas.cpp")] if kind == "cpu" else []
+    return [os.path.join(root, "module.cpp")] + schemas + files
 
 
 _ext_cache: dict[str, object] = {}
@@ -71,11 +86,21 @@ def load_extension(kind: str, verbose: bool = False):
         return module
 
 
+def kernels(kind: str):
+    """``torch.ops.<namespace>`` of the ``cpu`` or ``cuda`` kernels, their extension loaded."""
+    load_extension(kind)
+    return getattr(torch.ops, NAMESPACES[kind])
+
+
 def _build(kind: str, verbose: bool):
     if kind == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailable("the cuda back-end needs a CUDA device")
+    if kind == "cuda":
+        try:
+            load_extension("cpu", verbose)  # it defines the schemas the CUDA kernels implement
+        except BackendUnavailable as e:
+            raise BackendUnavailable(f"the cuda extension needs the cpu one (it defines the op schemas): {e}") from e
     try:
-        import importlib
         prebuilt = importlib.import_module(f"council_fast._C_{kind}")  # built by setup.py, if it was
         return prebuilt
     except ImportError:
@@ -139,7 +164,6 @@ def cached_build(kind: str) -> str | None:
 
 
 def _cpu_flags() -> str:
-    import platform
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -219,7 +219,7 @@ def _with_backend(schema: str) -> str:
 class FusedOp:
     """One fused op: ``torch.ops.council_fast.<name>`` (+ ``<name>_backward``) and its impls per back-end.
 
-    ``outputs(alloc, *inputs)`` returns the forward's output tensors (``alloc``: an :class:`Outputs`);
+    ``outputs(alloc, *inputs)`` returns the forward's output tensor(s) (``alloc``: an :class:`Outputs`);
     ``backward_outputs`` likewise for the backward. :meth:`register` adds a back-end's pair,
     :meth:`autograd` the formula tying the two ops together.
     """
@@ -242,7 +242,8 @@ class FusedOp:
         def run(*args):
             *inputs, backend = args
             result = outputs(Outputs(_poison), *inputs)
-            getattr(self._impl(backend), which)(*inputs, *result)
+            written = result if isinstance(result, (tuple, list)) else (result,)
+            getattr(self._impl(backend), which)(*inputs, *written)
             return result
 
         def fake(*args):
