@@ -19,7 +19,7 @@ def test_info_reports_the_cached_cpu_build(capsys):
 def test_cached_build_is_none_for_changed_sources(monkeypatch):
     """The cache key hashes the sources: other flags name another build, which does not exist."""
     monkeypatch.setenv("COUNCIL_FAST_NATIVE", "0")
-    monkeypatch.setattr(_backend, "_cpu_flags", lambda: "a CPU no build was made for")
+    monkeypatch.setattr(extension, "_cpu_flags", lambda: "a CPU no build was made for")
     monkeypatch.setattr(extension.torch, "__version__", "0.0.0-never-built")
     assert extension.cached_build("cpu") is None
 

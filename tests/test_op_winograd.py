@@ -111,7 +111,7 @@ def test_opcheck_custom_op():
     x, w, b = _operands(2, 3, 4, 5, 6)
     transformed = winograd.transform_weight(w)
     torch.library.opcheck(torch.ops.council_fast.conv3x3_winograd.default,
-                          (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), transformed))
+                          (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), transformed, "cpu"))
 
 
 def test_weights_made_under_inference_mode():
