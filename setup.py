@@ -44,8 +44,8 @@ def optional_extensions():
     exts = []
     if cpu_sources:
         exts.append(cpp_extension.CppExtension(
-            "council_fast._C_cpu", module + [os.path.join("csrc", "schemas.cpp")] + cpu_sources, extra_compile_args=["-O3", "-fopenmp"],
-            extra_link_args=["-fopenmp"]))
+            "council_fast._C_cpu", module + [os.path.join("csrc", "schemas.cpp")] + cpu_sources,  # schemas: CPU only
+            extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"]))
     if cuda_sources and cpp_extension.CUDA_HOME:
         exts.append(cpp_extension.CUDAExtension(
             "council_fast._C_cuda", module + cuda_sources,

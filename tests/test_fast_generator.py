@@ -16,7 +16,6 @@ from council_fast import fast_generator as fast_generator_mod
 from council_fast.fast_generator import FastGenerator
 from council_fast.ops import registry
 from council_fast.ops import adain as adain_mod
-from council_fast.ops import decoder_tail as tail_mod
 from council_fast.ops import winograd as winograd_mod
 from council_fast.ops.registry import BackendUnavailable
 from council_fast.reference.networks import AdaINGen, Conv2dBlock
