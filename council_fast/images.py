@@ -18,7 +18,8 @@ from PIL import Image, ImageOps
 
 from .fileio import atomic_write_bytes
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "open_rgb", "max_image_pixels", "PixelBudget", "DECODE_BUDGET",
+__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "ImageTooLargeError", "open_rgb", "decode_rgb", "as_rgb8",
+           "max_image_pixels", "PixelBudget", "DECODE_BUDGET",
            "resize_shorter", "center_crop",
            "pil_to_tensor", "tensor_to_pil", "save_image", "make_grid", "save_grid", "test_transform"]
 
@@ -80,12 +81,36 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
             _bound_pixels(im, path)
             with DECODE_BUDGET.reserve(im.size[0] * im.size[1]):
                 im.load()  # truncated files fail here, not later
-                im = ImageOps.exif_transpose(im)
-                return _to_rgb8(im)
+                return as_rgb8(im)
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
         if isinstance(e, ImageReadError):
             raise
         raise ImageReadError(f"{path}: cannot read image ({e})") from None
+
+
+class ImageTooLargeError(ImageReadError):
+    """The image has more pixels than allowed (a decompression bomb, or just too large)."""
+
+
+def decode_rgb(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
+    """``open_rgb`` for bytes in memory (an upload named ``name``): images over ``max_pixels`` (and over
+    :func:`max_image_pixels`) are refused before they are decoded (ImageTooLargeError), so a small file
+    cannot expand into gigabytes."""
+    limit = min(max_pixels or max_image_pixels(), max_image_pixels())
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w * h > limit:
+                raise ImageTooLargeError(f"{name}: {w}x{h} = {w * h} pixels, more than the {limit} allowed")
+            with DECODE_BUDGET.reserve(w * h):
+                im.load()
+                return as_rgb8(im)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{name}: {e}") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        if isinstance(e, ImageReadError):
+            raise
+        raise ImageReadError(f"{name}: cannot read image ({e})") from None
 
 
 @contextlib.contextmanager
@@ -116,6 +141,11 @@ def _bound_pixels(im: Image.Image, path: str) -> None:
     raise ImageReadError(f"{path}: {w}x{h} is {w * h / 1e6:.0f} megapixels, over the {limit / 1e6:.0f}-megapixel "
                          f"limit per image (decoding it would take {w * h * 3 / 2**30:.1f} GB or more); shrink "
                          f"it, or raise COUNCIL_FAST_MAX_IMAGE_PIXELS")
+
+
+def as_rgb8(im: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB, as read from a file: EXIF rotation applied, transparency on white."""
+    return _to_rgb8(ImageOps.exif_transpose(im))
 
 
 def _to_rgb8(im: Image.Image) -> Image.Image:

@@ -21,10 +21,11 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
-from ..convert import ENGINE_BACKENDS, PRECISIONS, ConvertError, Converter, check_precision, load_model, resolve_device
 from ..data import DataError, load_test_images
 from ..fileio import atomic_write_bytes
+from ..inference import KERNEL_BACKENDS, ConvertError, Converter, load_generators, split_backend
 from ..metrics import InceptionWeightsError, evaluate_members, format_table, load_inception
+from ..runtime import PRECISIONS, SetupError, check_precision, resolve_device
 
 __all__ = ["add_arguments", "run", "load_translator"]
 
@@ -48,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                         help="the generators' precision; Inception always runs fp32 (default: %(default)s)")
-    parser.add_argument("--backend", choices=ENGINE_BACKENDS, default="auto",
+    parser.add_argument("--backend", choices=KERNEL_BACKENDS, default="auto",
                         help="generator engine, as for convert (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the style codes and KID subsets "
                         "(default: %(default)s)")
@@ -73,17 +74,19 @@ def _members(spec: str) -> str | list[int]:
 
 def load_translator(checkpoint: str, config: str | None, members, device: torch.device, precision: str,
                     backend: str = "auto"):
-    """The one place generators are loaded: (translate(member, x, z), member list, config, direction, engine)."""
-    model = load_model(checkpoint, config, None, "all", backend, device)
-    available = list(model.generators)
+    """The one place generators are loaded (council_fast.inference): (translate(member, x, z), member list,
+    config, direction, engine)."""
+    engine, kernels = split_backend(backend)
+    gens = load_generators(checkpoint, config, "all", engine, device, precision, backend=kernels)
+    available = sorted(gens)
     chosen = available if members == "all" else members
     unknown = [k for k in chosen if k not in available]
     if unknown:
         raise ConvertError(f"--members {','.join(map(str, unknown))}: the checkpoint holds members "
                            f"{', '.join(map(str, available))}")
-    converter = Converter({k: model.generators[k] for k in chosen}, device, precision,
-                          style_dim=model.config["gen"]["style_dim"], cuda_graphs=False)
-    return converter.translate_batch, chosen, model.config, model.direction, model.engine
+    converter = Converter({k: gens[k] for k in chosen}, device, precision, style_dim=gens.style_dim,
+                          cuda_graphs=False)
+    return converter.translate_batch, chosen, gens.config, gens.direction, gens.engine
 
 
 def _validate(args) -> torch.device:
@@ -119,7 +122,7 @@ def _setup(args):
 def run(args) -> int:
     try:
         device, inception, translate, members, config, direction, engine, source, target = _setup(args)
-    except (ConvertError, CheckpointError, ConfigError, DataError, InceptionWeightsError) as e:
+    except (SetupError, CheckpointError, ConfigError, DataError, InceptionWeightsError) as e:
         print(f"council-fast eval: error: {e}", file=sys.stderr)
         return EXIT_FATAL
     print(f"council-fast eval: {direction}, members {','.join(map(str, members))}, engine {engine}, {device}, "

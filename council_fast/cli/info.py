@@ -5,6 +5,11 @@ import argparse
 import os
 import platform
 
+import torch
+
+from ..ops import BACKENDS, cached_build, why_unavailable
+from ..version import __version__
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--build", action="store_true",
@@ -13,10 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _versions() -> dict:
-    import torch
-    out = {"council-fast": __import__("council_fast").__version__, "python": platform.python_version(),
+    out = {"council-fast": __version__, "python": platform.python_version(),
            "torch": torch.__version__, "cuda (torch)": torch.version.cuda or "none"}
-    try:
+    try:  # an optional extra
         import triton
         out["triton"] = triton.__version__
     except Exception as e:  # noqa: BLE001
@@ -25,9 +29,6 @@ def _versions() -> dict:
 
 
 def run(args) -> int:
-    import torch
-
-    from .ops import _backend
     for key, value in _versions().items():
         print(f"{key:>14}: {value}")
     print(f"{'cpu':>14}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -36,13 +37,13 @@ def run(args) -> int:
     print(f"{'gpus':>14}: {', '.join(gpus) if gpus else 'none'}")
     devices = ["cpu"] + (["cuda"] if gpus else [])
     for device in devices:
-        for backend in _backend.BACKENDS:
+        for backend in BACKENDS:
             if backend in ("cpu", "cuda") and backend == device and not args.build:
-                built = _backend.cached_build(backend)
+                built = cached_build(backend)
                 status = (f"built ({built}); loads on first use" if built else
                           "not built yet: JIT-built on first use (pass --build to build it now)")
             else:
-                reason = _backend._why_unavailable(backend, torch.device(device))
+                reason = why_unavailable(backend, torch.device(device))
                 status = "available" if reason is None else f"unavailable: {reason}"
             print(f"{device + '/' + backend:>14}: {status}")
     return 0
