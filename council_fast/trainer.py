@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, official_keys_notice
 from .reference import AdaINGen, MsImageDis, MsImageDisCouncil
 
 __all__ = ["CouncilTrainer", "add_arguments", "run", "init_weights", "UNSUPPORTED_WEIGHTS"]
@@ -599,7 +599,8 @@ def _resolve_config(args, checkpoint_dir: str):
         state = ckpt.load_full_state(path)
         config = state["config"]
         if args.config is not None and load_config(args.config) | {"data_root": None} != config | {"data_root": None}:
-            warnings.warn(f"--config {args.config} differs from the config saved in {path}; resuming with the saved one")
+            print(f"note: --config {args.config} differs from the config saved in {path}; resuming with the "
+                  "saved one (drop --config when resuming)", file=sys.stderr)
         state["_path"] = path
     elif args.config is None:
         raise ConfigError("--config is required (a YAML path, or a packaged name: tiny, selfie2anime)")
@@ -642,6 +643,9 @@ def _train_on(args, ctx) -> int:
         return _fail(f"{out} already holds a training run ({checkpoint_dir}): pass --resume to continue it, "
                      "or choose another --out")
     config, state = _resolve_config(args, checkpoint_dir)
+    notice = official_keys_notice(config, args.config or "the resumed run's config")
+    if notice and writer:
+        print(notice, file=sys.stderr)
     seed = args.seed if args.seed is not None else config["random_seed"]
     if state is not None:
         seed = int(state.get("seed", seed))
@@ -748,13 +752,15 @@ def _save_full_state(trainer: CouncilTrainer, loader, checkpoint_dir: str) -> No
 
 
 def _save_contact_sheet(trainer: CouncilTrainer, test_images: dict, path: str) -> None:
-    """One row per test image: the input, then each member's translation (fixed display styles)."""
-    from .images import save_grid
-    rows = []
+    """One row per test image: the input, then each member's translation (display style r for row r)."""
+    from .images import save_labelled_sheet
+    rows, row_labels = [], []
     for d, x in test_images.items():
         outs = trainer.sample(x, d)
         rows += [[x[r]] + [o[r] for o in outs] for r in range(x.size(0))]
-    save_grid(rows, path)
+        row_labels += [f"{d}: test{d[0].upper()} {r}\nstyle {r}" for r in range(x.size(0))]
+    col_labels = ["input"] + [f"member {i}" for i in range(trainer.size)]
+    save_labelled_sheet(rows, path, row_labels=row_labels, col_labels=col_labels)
 
 
 def _seed_everything(seed: int) -> None:
