@@ -355,6 +355,7 @@ def _add_differences(built: list, reference_call) -> None:
 
 
 def _measure(row: BenchRow, call, device, warmup, repeats, images, reference_out=None) -> BenchRow:
+    _progress(f"{row.engine}: {warmup} warm-up and {repeats} timed calls")
     try:
         timing = time_callable(call, device, warmup, repeats)
         if reference_out is not None:
@@ -371,6 +372,7 @@ def _measure_interleaved(built: list, warmup: int, repeats: int, images: int) ->
     with a different one each round. First calls and warm-up calls come before the first round."""
     timings = {}
     for row, call in built:
+        _progress(f"{row.engine}: first call and {max(0, warmup - 1)} warm-up call(s)")
         try:
             start = time.perf_counter()
             call()
@@ -383,6 +385,7 @@ def _measure_interleaved(built: list, warmup: int, repeats: int, images: int) ->
     for r in range(repeats):
         if not live:
             break
+        _progress(f"timed round {r + 1}/{repeats} ({len(live)} engines)")
         for row, call in live[r % len(live):] + live[:r % len(live)]:
             try:
                 start = time.perf_counter()
@@ -669,7 +672,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images per call (default: 32 for convert, the config's batch_size for train, "
                              "8 for ops)")
     parser.add_argument("--size", type=int, default=None,
-                        help="image side (default: 256 for convert, the config's crop size for train, 64 for ops)")
+                        help="image side (default: the config's new_size for convert, its crop size for train, "
+                             "64 for ops)")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=3,
                         help="untimed runs first, at least 1 (default: %(default)s)")
@@ -685,7 +689,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="F", help="also write every field as JSON to F")
 
 
-_DEFAULTS = {"convert": (32, 256), "train": (None, None), "ops": (8, 64)}
+_DEFAULTS = {"convert": (32, None), "train": (None, None), "ops": (8, 64)}
+
+
+def _default_size(what: str, config: dict) -> int | None:
+    """--size when not given: the config's conversion size (new_size) for convert, else _DEFAULTS."""
+    return config["new_size"] if what == "convert" else _DEFAULTS[what][1]
+
+
+def _progress(text: str) -> None:
+    print(f"  {text}", file=sys.stderr, flush=True)
 
 
 def run(args) -> int:
@@ -700,7 +713,7 @@ def run(args) -> int:
         if args.threads is not None and args.threads < 1:
             raise ConvertError(f"--threads must be at least 1, got {args.threads}")
         batch = args.batch if args.batch is not None else _DEFAULTS[args.what][0]
-        size = args.size if args.size is not None else _DEFAULTS[args.what][1]
+        size = args.size if args.size is not None else _default_size(args.what, config)
         for value, label in ((batch, "--batch"), (size, "--size")):
             if value is not None and value < 1:
                 raise ConvertError(f"{label} must be positive, got {value}")
@@ -722,6 +735,9 @@ def _run(args, device: torch.device, config: dict, batch: int | None, size: int 
     from .fileio import atomic_write_bytes
 
     common = dict(precision=args.precision, repeats=args.repeats, warmup=args.warmup, seed=args.seed)
+    shown = f"batch {batch}, {size}x{size}" if batch and size else "the config's batch and size"
+    print(f"council-fast bench {args.what}: config {args.config}, {shown}, {device}, {args.precision}; "
+          "progress below, the table at the end", file=sys.stderr, flush=True)
     if args.what == "convert":
         rows = bench_convert(config, device, batch=batch, size=size, compile=args.compile, backend=args.backend,
                              **common)

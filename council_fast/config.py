@@ -84,10 +84,17 @@ def load_config(path: str | os.PathLike) -> dict:
         with open(path, "r", encoding="utf-8") as f:
             raw = yaml.safe_load(f)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raise ConfigError(f"{path}: config file not found" + _packaged_hint(path)) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     return _finish(raw, path)
+
+
+def _packaged_hint(path: str) -> str:
+    """For a bare name (no folder, no .yaml): the packaged configs it could have meant."""
+    if os.path.dirname(path) or path.lower().endswith((".yaml", ".yml")):
+        return ""
+    return f" and no packaged config of that name (packaged: {', '.join(PACKAGED_CONFIGS)})"
 
 
 def _finish(raw: Any, source: str) -> dict:

@@ -26,8 +26,11 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from .checkpoint import CheckpointError, describe_generator, generator_sizes
 from .cuda_graphs import GraphedCall
-from .images import IMAGE_EXTENSIONS, ImageReadError, open_rgb, save_image, save_labelled_sheet, test_transform
+from .threads import add_threads_argument, set_threads
+from .images import (FITS, IMAGE_EXTENSIONS, ImageReadError, fit_square, open_rgb, pil_to_tensor, save_image,
+                     save_labelled_sheet)
 
 __all__ = ["ConvertError", "InputItem", "ConversionReport", "Converter", "LoadedModel", "find_inputs",
            "plan_outputs", "load_model", "build_generator", "fast_generator_class", "convert_paths",
@@ -288,6 +291,7 @@ def load_model(checkpoint: str, config: str | None = None, direction: str | None
     """
     from .checkpoint import load_generator_states
 
+    checkpoint = run_checkpoints(checkpoint)
     states = load_generator_states(checkpoint, direction)
     carried = states.config if states.config is not None or config is not None else _config_beside(checkpoint)
     cfg = _resolve_config(config, carried, states.source)
@@ -295,9 +299,37 @@ def load_model(checkpoint: str, config: str | None = None, direction: str | None
     generators, engine = {}, "reference"
     for k in _select_members(states.members, member):
         gen, engine = build_generator(input_dim, cfg["gen"], backend, device)
-        _load_weights(gen, states.states[states.members.index(k)], f"{states.source} (member {k})")
+        try:
+            _load_weights(gen, states.states[states.members.index(k)], f"{states.source} (member {k})")
+        except CheckpointError as e:
+            raise CheckpointError(size_mismatch_message(states, cfg, config, e)) from None
         generators[k] = gen.to(device).eval()
     return LoadedModel(cfg, states.direction, generators, engine, states.source)
+
+
+def run_checkpoints(checkpoint: str) -> str:
+    """A training run's folder (it holds checkpoints/) stands for its checkpoints/ folder."""
+    inner = os.path.join(checkpoint, "checkpoints")
+    if os.path.isdir(checkpoint) and os.path.isdir(inner) and not any(
+            name.endswith(".pt") or name == "latest.txt" for name in os.listdir(checkpoint)):
+        return inner
+    return checkpoint
+
+
+_GEN_SIZE_KEYS = ("dim", "mlp_dim", "style_dim", "n_downsample", "n_res", "num_of_mask_dim_to_add")
+
+
+def size_mismatch_message(states, cfg: dict, config_arg: str | None, error: Exception) -> str:
+    """What the checkpoint was trained with and what the config asks for, instead of a key dump."""
+    found = generator_sizes(states.states[0])
+    differ = [f"{k} {found[k]} (config: {cfg['gen'][k]})" for k in _GEN_SIZE_KEYS
+              if k in found and found[k] != cfg["gen"][k]]
+    if not differ:  # not a size question: keep the key-by-key report
+        return str(error)
+    fix = ("drop --config (a council-fast run carries its config), or pass the run's config (RUN/config.yaml)"
+           if config_arg is not None else "pass the config it was trained with (--config)")
+    return (f"{states.source}: the checkpoint was trained with {describe_generator(states.states[0], len(states.members))}"
+            f"; the config{f' {config_arg}' if config_arg else ''} differs in {', '.join(differ)}: {fix}")
 
 
 def _load_weights(gen: torch.nn.Module, state_dict, source: str) -> None:
@@ -425,8 +457,8 @@ class ConversionReport:
         return line
 
 
-def _load_tensor(item: InputItem, size: int, input_dim: int) -> torch.Tensor:
-    x = test_transform(open_rgb(item.path), size)
+def _load_tensor(item: InputItem, size: int, input_dim: int, fit: str = "crop") -> torch.Tensor:
+    x = pil_to_tensor(fit_square(open_rgb(item.path), size, fit))
     if input_dim == 1:
         x = (0.299 * x[0:1] + 0.587 * x[1:2] + 0.114 * x[2:3])  # ITU-R 601 luma, as Pillow's "L"
     return x
@@ -575,7 +607,7 @@ def _step_with_backoff(step: "_BatchStep", batch_items, plans, bar) -> None:
 def convert_paths(items: Sequence[InputItem], converter: Converter, output_dir: str, *, size: int,
                   member_mode: str = "all", styles: int = 1, seed: int = 0, batch: int = 8, workers: int = 2,
                   save_masks: bool = False, grid: bool = False, input_dim: int = 3,
-                  progress: bool = True) -> ConversionReport:
+                  progress: bool = True, fit: str = "crop") -> ConversionReport:
     """Convert ``items`` (from find_inputs) into ``output_dir``; never raises for a bad input file.
 
     ``member_mode``: 'all' (every generator of the converter translates every input) or 'random'
@@ -592,7 +624,7 @@ def convert_paths(items: Sequence[InputItem], converter: Converter, output_dir: 
     step = _BatchStep(converter, output_dir, batch, save_masks, writer, grid)
     bar = _progress_bar(len(items), progress)
     start = time.perf_counter()
-    stream = _prefetch(items, lambda it: _load_tensor(it, size, input_dim), workers, lookahead=2 * batch + workers)
+    stream = _prefetch(items, lambda it: _load_tensor(it, size, input_dim, fit), workers, lookahead=2 * batch + workers)
     try:
         for batch_items in _batches(stream, batch, report, bar):
             plans = _assign(batch_items, members, member_mode, styles, converter.style_dim, seed)
@@ -703,7 +735,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images per model call (default: 8 on cpu; on cuda as many as half the free GPU "
                              "memory holds, at most 32; halved automatically if the GPU runs out of memory)")
     parser.add_argument("--size", type=int, default=None,
-                        help="shorter side is resized to this, then centre-cropped square (default: new_size)")
+                        help="inputs are made SIZE x SIZE squares as --fit says (default: the config's new_size)")
+    parser.add_argument("--fit", choices=FITS, default="crop",
+                        help="crop: shorter side to SIZE, centre crop (the official test transform; a wide photo "
+                             "loses its sides); pad: longer side to SIZE, mid-grey bands; stretch: both sides to "
+                             "SIZE (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                         help="autocast precision: bf16 on cpu or cuda, fp16 on cuda only (default: %(default)s)")
@@ -719,6 +755,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="threads decoding/resizing inputs and encoding outputs (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_threads_argument(parser)
 
 
 def _validate_args(args) -> torch.device:
@@ -748,9 +785,9 @@ def _check_size(size: int, config: dict) -> None:
 
 
 def run(args) -> int:
-    from .checkpoint import CheckpointError
     from .config import ConfigError
 
+    set_threads(args.threads)
     try:
         device = _validate_args(args)
         items, problems = find_inputs(args.input, exclude_dirs=[args.output])
@@ -778,7 +815,7 @@ def run(args) -> int:
         report = convert_paths(items, converter, args.output, size=size, member_mode=args.member,
                                styles=args.styles, seed=seed, batch=args.batch, workers=args.workers,
                                save_masks=args.save_masks, grid=args.grid, input_dim=input_dim,
-                               progress=not args.quiet)
+                               progress=not args.quiet, fit=args.fit)
     except OSError as e:  # the output folder or the contact sheet cannot be written
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FATAL

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from .fileio import atomic_write_bytes
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "open_rgb", "resize_shorter", "center_crop",
-           "pil_to_tensor", "tensor_to_pil", "save_image", "make_grid", "save_grid", "test_transform",
+           "pil_to_tensor", "tensor_to_pil", "save_image", "FITS", "fit_square", "make_grid", "save_grid", "test_transform",
            "upscale_nearest", "SheetLayout", "sheet_layout", "labelled_sheet", "save_labelled_sheet", "SHEET_MIN_TILE"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -92,6 +92,29 @@ def test_transform(im: Image.Image, size: int, crop: tuple[int, int] | None = No
     im = resize_shorter(im, size)
     h, w = crop if crop is not None else (size, size)
     return pil_to_tensor(center_crop(im, h, w))
+
+
+FITS = ("crop", "pad", "stretch")
+PAD_COLOUR = (128, 128, 128)  # mid-grey: 0 in the model's [-1, 1]
+
+
+def fit_square(im: Image.Image, size: int, fit: str = "crop") -> Image.Image:
+    """A ``size`` x ``size`` image from any aspect ratio: ``crop`` (shorter side to size, centre crop: the
+    official test transform; a wide photo loses its sides), ``pad`` (longer side to size, the rest filled
+    with mid-grey: nothing is lost), ``stretch`` (both sides to size: the aspect ratio changes)."""
+    if fit == "crop":
+        return center_crop(resize_shorter(im, size), size, size)
+    if fit == "stretch":
+        return im if im.size == (size, size) else im.resize((size, size), Image.BILINEAR)
+    if fit == "pad":
+        w, h = im.size
+        scale = size / max(w, h)
+        inner = (max(1, round(w * scale)), max(1, round(h * scale)))
+        canvas = Image.new("RGB", (size, size), PAD_COLOUR)
+        canvas.paste(im.convert("RGB").resize(inner, Image.BILINEAR) if inner != im.size else im.convert("RGB"),
+                     ((size - inner[0]) // 2, (size - inner[1]) // 2))
+        return canvas
+    raise ValueError(f"fit must be one of {', '.join(FITS)}, not {fit!r}")
 
 
 def _encode(im: Image.Image, path: str) -> bytes:

@@ -35,6 +35,8 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import ConfigError, load_config, official_keys_notice
+from .retention import DEFAULT_KEEP_LAST, prune_snapshots
+from .threads import add_threads_argument, set_threads
 from .reference import AdaINGen, MsImageDis, MsImageDisCouncil
 
 __all__ = ["CouncilTrainer", "add_arguments", "run", "init_weights", "UNSUPPORTED_WEIGHTS"]
@@ -549,6 +551,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "first two of each kind, before and after council_start_at_iter, run eagerly)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--seed", type=int, help="random seed (default: the config's random_seed)")
+    parser.add_argument("--keep-last", type=int, default=DEFAULT_KEEP_LAST, metavar="N",
+                        help="keep the snapshot files (official per-member files, full states) of the newest N "
+                             "snapshot iterations, delete older ones; 0 keeps all (default: %(default)s)")
+    add_threads_argument(parser)
 
 
 class _StopRequest:
@@ -584,6 +590,7 @@ def _fail(message: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from .data import DataError
+    set_threads(args.threads)
     try:
         return _train(args)
     except (ConfigError, ckpt.CheckpointError, DataError, NotImplementedError) as e:
@@ -639,6 +646,8 @@ def _train_on(args, ctx) -> int:
     checkpoint_dir, image_dir = os.path.join(out, "checkpoints"), os.path.join(out, "images")
     if args.iters is not None and args.iters < 1:
         return _fail(f"--iters {args.iters}: must be at least 1")
+    if args.keep_last < 0:
+        return _fail(f"--keep-last {args.keep_last}: must not be negative (0 keeps every snapshot)")
     if not args.resume and ckpt.latest_full_state_path(checkpoint_dir) is not None:
         return _fail(f"{out} already holds a training run ({checkpoint_dir}): pass --resume to continue it, "
                      "or choose another --out")
@@ -687,7 +696,7 @@ def _train_on(args, ctx) -> int:
 
     def save_full():
         if writer:
-            _save_full_state(trainer, loader, checkpoint_dir)
+            _save_full_state(trainer, loader, checkpoint_dir, args.keep_last)
 
     def save_images():
         if writer:
@@ -743,12 +752,13 @@ def _train_on(args, ctx) -> int:
     return 130 if stop.requested and trainer.iteration < target else 0
 
 
-def _save_full_state(trainer: CouncilTrainer, loader, checkpoint_dir: str) -> None:
-    """state_<n>.pt with the data position, latest.txt pointing at it; the two newest are kept."""
+def _save_full_state(trainer: CouncilTrainer, loader, checkpoint_dir: str, keep_last: int) -> None:
+    """state_<n>.pt with the data position, latest.txt pointing at it; then the snapshots of the newest
+    ``keep_last`` iterations are kept (:func:`council_fast.retention.prune_snapshots`)."""
     path = ckpt.full_state_path(checkpoint_dir, trainer.iteration)
     ckpt.save_full_state(path, trainer.state_dict() | {"data": loader.state()})
     ckpt.write_latest(checkpoint_dir, path)
-    _prune_full_states(checkpoint_dir, keep=2)
+    prune_snapshots(checkpoint_dir, keep_last, trainer.size)
 
 
 def _save_contact_sheet(trainer: CouncilTrainer, test_images: dict, path: str) -> None:
@@ -784,14 +794,3 @@ def _write_config(config: dict, path: str) -> None:
     import yaml
     from .fileio import atomic_write_bytes
     atomic_write_bytes(path, yaml.safe_dump(config, sort_keys=False).encode())
-
-
-def _prune_full_states(checkpoint_dir: str, keep: int) -> None:
-    import glob
-    states = []
-    for path in glob.glob(os.path.join(glob.escape(checkpoint_dir), "state_*.pt")):
-        m = re.match(r"^state_(\d+)\.pt$", os.path.basename(path))
-        if m:
-            states.append((int(m.group(1)), path))
-    for _, path in sorted(states)[:-keep]:
-        os.unlink(path)

@@ -27,6 +27,8 @@ import warnings
 
 import torch
 
+from .build_progress import announced_build
+
 __all__ = ["BACKENDS", "BackendUnavailable", "resolve_backend", "load_extension", "cached_build", "triton_available",
            "triton_interpreted", "strict_mode", "csrc_dir", "wait_for_build_lock"]
 
@@ -133,7 +135,9 @@ def _build(kind: str, verbose: bool):
     kwargs = dict(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp"], verbose=verbose)
     if kind == "cuda":
         kwargs["extra_cuda_cflags"] = CUDA_FLAGS
-    return cpp_extension.load(**kwargs)
+    build_dir = cpp_extension._get_build_directory(name, verbose=False)
+    with announced_build(name, sources, build_dir, f"for the {kind} kernel back-end (first use of these sources)"):
+        return cpp_extension.load(**kwargs)
 
 
 def _build_spec(kind: str) -> tuple[str, list[str], list[str]]:
