@@ -265,8 +265,8 @@ def make_synthetic_dataset(root: str | os.PathLike, n_train: int = 24, n_test: i
 
 # --------------------------------------------------------------------------- the demo's shapes set
 
-SHAPES_B_TO_A = ("B: flat cool-coloured shapes (blue, teal, violet) on a light background -> "
-                 "A: the same kinds of shapes in warm colours (red, orange, yellow) on a dark background")
+SHAPES_B_TO_A = ("B: cool-coloured shapes (blue, teal, violet) -> A: the same kinds of shapes in warm colours "
+                 "(red, orange, yellow), on the same light background")
 _SHAPE_KINDS = ("circle", "square", "triangle")
 _COOL = np.array([[0.15, 0.35, 0.85], [0.1, 0.65, 0.7], [0.45, 0.3, 0.8]])
 _WARM = np.array([[0.9, 0.2, 0.15], [0.95, 0.55, 0.1], [0.95, 0.85, 0.2]])
@@ -301,17 +301,17 @@ def _shapes_b(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _shapes_a(rng: np.random.Generator, size: int) -> np.ndarray:
-    return _shapes_image(rng, size, np.array([0.1, 0.1, 0.16]), _WARM)
+    return _shapes_image(rng, size, np.array([0.92, 0.92, 0.88]), _WARM)
 
 
 def make_shapes_dataset(root: str | os.PathLike, n_train: int = 200, n_test: int = 16, size: int = 32,
                         seed: int = 0) -> str:
     """The demo's learnable two-domain set in the official layout (no downloads); returns root.
 
-    Both domains hold circles, squares and triangles; only the colour scheme differs
-    (:data:`SHAPES_B_TO_A`), so a b2a translation must repaint background and shapes and keep
-    their outlines, and the style noise can pick among the warm colours. Unpaired, as in the
-    real task: the A and B images are drawn independently.
+    Both domains hold circles, squares and triangles on a light background; only the shapes' colours
+    differ (:data:`SHAPES_B_TO_A`), so a b2a translation must repaint each shape and leave its outline
+    and the background alone (what Council-GAN's masks are for), and the style noise may pick among
+    the warm colours. Unpaired, as in the real task: the A and B images are drawn independently.
     """
     return _write_domains(root, {"A": _shapes_a, "B": _shapes_b}, n_train, n_test, size, seed)
 
