@@ -28,9 +28,10 @@ import torch
 
 from .checkpoint import CheckpointError, describe_generator, generator_sizes
 from .cuda_graphs import GraphedCall
-from .threads import add_threads_argument, set_threads
+from .fileio import file_kind, is_regular_file, report_stale_temp_files
 from .images import (FITS, IMAGE_EXTENSIONS, ImageReadError, fit_square, open_rgb, pil_to_tensor, save_image,
                      save_labelled_sheet)
+from .threads import add_threads_argument, set_threads
 
 __all__ = ["ConvertError", "InputItem", "ConversionReport", "Converter", "LoadedModel", "find_inputs",
            "plan_outputs", "load_model", "build_generator", "fast_generator_class", "convert_paths",
@@ -116,6 +117,9 @@ def find_inputs(specs: Sequence[str], exclude_dirs: Iterable[str] = ()) -> tuple
     seen: set[str] = set()
 
     def add(path: str, rel: str) -> None:
+        if os.path.exists(path) and not is_regular_file(path):  # a FIFO or device would block or never end
+            problems.append(f"{path}: skipped: not a regular file ({file_kind(path)})")
+            return
         key = os.path.realpath(path)
         if key not in seen:
             seen.add(key)
@@ -790,6 +794,7 @@ def run(args) -> int:
     set_threads(args.threads)
     try:
         device = _validate_args(args)
+        report_stale_temp_files(args.output, recursive=True)
         items, problems = find_inputs(args.input, exclude_dirs=[args.output])
         for problem in problems:
             print(f"warning: {problem}", file=sys.stderr)

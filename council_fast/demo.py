@@ -24,10 +24,11 @@ from .colour_distance import colour_distance
 from .config import packaged_config
 from .data import SHAPES_B_TO_A, load_test_images, make_shapes_dataset
 from .fused_trainer import unfused_switches
+from .threads import add_threads_argument, set_threads
 from .trainer import CouncilTrainer
 
 DEMO_CONFIG = "demo"
-DEMO_ITERS = 400
+DEMO_ITERS = 600
 _SCORE_SEED = 12345  # style codes of the score: the same before and after training
 
 
@@ -39,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training engine (default: %(default)s, the faster one on the CPU too)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="default: %(default)s")
     parser.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    add_threads_argument(parser)
 
 
 def council_colour_distance(trainer: CouncilTrainer, x_b: torch.Tensor, x_a: torch.Tensor) -> float:
@@ -71,6 +73,7 @@ def run(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("council-fast demo: error: --device cuda: no CUDA device is available")
     config = packaged_config(DEMO_CONFIG)
+    threads = ["--threads", str(set_threads(args.threads))]
     engine = args.engine if not unfused_switches(config) else "reference"
     data = os.path.join(args.out, "shapes")
     if not os.path.isdir(os.path.join(data, "testB")):
@@ -84,7 +87,7 @@ def run(args) -> int:
     # A second demo into the same folder continues the first run (to --iters) instead of mixing two runs.
     resume = ["--resume"] if start_iter else []
     status = main(["train", "--config", DEMO_CONFIG, "--data", data, "--out", run_dir, "--iters", str(args.iters),
-                   "--engine", engine, "--device", args.device, "--seed", str(args.seed)] + resume)
+                   "--engine", engine, "--device", args.device, "--seed", str(args.seed)] + resume + threads)
     if status:
         return status
     after_trainer = _council_at(config, checkpoint_dir, args.seed)
@@ -92,7 +95,7 @@ def run(args) -> int:
     converted = os.path.join(args.out, "converted")
     status = main(["convert", "--checkpoint", checkpoint_dir, "--input", os.path.join(data, "testB"),
                    "--output", converted, "--member", "all", "--styles", "2", "--seed", str(args.seed),
-                   "--device", args.device, "--grid"])
+                   "--device", args.device, "--grid"] + threads)
     if status == 0:
         _report(args, run_dir, converted, (start_iter, before), (after_trainer.iteration, after),
                 colour_distance(x_b, x_a))

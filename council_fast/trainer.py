@@ -35,6 +35,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import ConfigError, load_config, official_keys_notice
+from .fileio import DiskFullError, report_stale_temp_files
 from .retention import DEFAULT_KEEP_LAST, prune_snapshots
 from .threads import add_threads_argument, set_threads
 from .reference import AdaINGen, MsImageDis, MsImageDisCouncil
@@ -558,29 +559,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class _StopRequest:
-    """First Ctrl-C: finish the iteration, save, stop. Second: stop at once."""
+    """First Ctrl-C or SIGTERM: finish the iteration, save, stop (exit 130 or 143). Second: stop at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signum = None
+        self._previous = {}
 
     def __enter__(self):
         try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave Ctrl-C alone
-            self._previous = None
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        except ValueError:  # not the main thread: leave the signals alone
+            self._previous = {}
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this iteration and saving (Ctrl-C again to stop now)", file=sys.stderr)
+        self.requested, self.signum = True, signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: stopping after this iteration and saving (Ctrl-C again to stop now)", file=sys.stderr)
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
         return False
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss became NaN or infinite: training stops without saving the poisoned weights."""
+
+
+def check_finite_losses(losses: dict, iteration: int) -> None:
+    """NonFiniteLoss naming the iteration and the first non-finite loss (reads the losses: a GPU sync)."""
+    for name, value in losses.items():
+        if not math.isfinite(float(value)):
+            raise NonFiniteLoss(f"iteration {iteration}: loss {name!r} is {float(value)}; training stopped, "
+                                f"nothing of this iteration saved (the last good checkpoint is kept); a lower "
+                                f"lr or loss weights may help")
 
 
 def _fail(message: str) -> int:
@@ -595,6 +617,9 @@ def run(args: argparse.Namespace) -> int:
         return _train(args)
     except (ConfigError, ckpt.CheckpointError, DataError, NotImplementedError) as e:
         return _fail(str(e))
+    except (DiskFullError, NonFiniteLoss) as e:  # ran, then failed: the last complete checkpoint stands
+        print(f"council-fast train: error: {e}", file=sys.stderr)
+        return 1
 
 
 def _resolve_config(args, checkpoint_dir: str):
@@ -603,7 +628,7 @@ def _resolve_config(args, checkpoint_dir: str):
         path = ckpt.latest_full_state_path(checkpoint_dir) if os.path.isdir(checkpoint_dir) else None
         if path is None:
             raise ckpt.CheckpointError(f"{checkpoint_dir}: nothing to resume (no state_<n>.pt or latest.txt)")
-        state = ckpt.load_full_state(path)
+        state = ckpt.load_resume_state(path)
         config = state["config"]
         if args.config is not None and load_config(args.config) | {"data_root": None} != config | {"data_root": None}:
             print(f"note: --config {args.config} differs from the config saved in {path}; resuming with the "
@@ -684,6 +709,8 @@ def _train_on(args, ctx) -> int:
             warnings.warn(f"{state['_path']}: no data-pipeline position saved; starting a new epoch")
         print(f"resumed from {state['_path']} at iteration {trainer.iteration}", file=sys.stderr)
     if writer:
+        for folder in (out, checkpoint_dir, image_dir):
+            report_stale_temp_files(folder)
         os.makedirs(checkpoint_dir, exist_ok=True)
         _write_config(config, os.path.join(out, "config.yaml"))
     test_images = {d: load_test_images(config["data_root"], "A" if d == "a2b" else "B", config["new_size"],
@@ -722,6 +749,8 @@ def _train_on(args, ctx) -> int:
                 losses = trainer.step(x_a, x_b, update_lr=False)
                 done = trainer.iteration
                 snapshot = (done + 1) % config["snapshot_save_iter"] == 0
+                if snapshot:
+                    check_finite_losses(losses, done)
                 if (done + 1) % config["image_save_iter"] == 0:
                     save_images()
                 if snapshot:  # official order: save, then step the LR schedule
@@ -734,6 +763,7 @@ def _train_on(args, ctx) -> int:
                 # Reading losses syncs the GPU: at most about once a second, whatever log_iter says.
                 if (done % config["log_iter"] == 0 and now - shown_at >= 1.0) or done == target:
                     shown_at = now
+                    check_finite_losses(losses, done)
                     rate = (done - start_iter) / max(now - start, 1e-9)
                     bar.set_postfix(_summary(losses) | {"it/s": f"{rate:.2f}"}, refresh=False)
                 bar.update(1)
@@ -742,6 +772,7 @@ def _train_on(args, ctx) -> int:
             loader.close()
         # Only at an iteration boundary: a second Ctrl-C mid-iteration leaves the last checkpoint as is.
         if trainer.iteration != start_iter and saved_at != trainer.iteration:
+            check_finite_losses(losses, trainer.iteration)
             save_official()
             save_full()
             save_images()
@@ -749,7 +780,7 @@ def _train_on(args, ctx) -> int:
         print(f"saved iteration {trainer.iteration} to {checkpoint_dir}", file=sys.stderr)
     else:
         print(f"nothing to do: already at iteration {trainer.iteration} (--iters {target})", file=sys.stderr)
-    return 130 if stop.requested and trainer.iteration < target else 0
+    return stop.exit_status if stop.requested and trainer.iteration < target else 0
 
 
 def _save_full_state(trainer: CouncilTrainer, loader, checkpoint_dir: str, keep_last: int) -> None:
