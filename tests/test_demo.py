@@ -41,16 +41,16 @@ def test_shapes_set_layout_and_determinism(shapes, tmp_path):
     assert _digest(Path(other)) != _digest(shapes)
 
 
-def test_shapes_domains_differ_in_colour_scheme(shapes):
+def test_shapes_domains_differ_in_shape_colours_only(shapes):
     b, a = _pixels(shapes / "trainB"), _pixels(shapes / "trainA")
-    # A shape may cover a corner pixel now and then; the median over the images is background.
-    assert np.median(b[:, 0, 0].mean(-1)) > 0.75 and np.median(a[:, 0, 0].mean(-1)) < 0.25
-    # Shape pixels: blue dominates red in B, red dominates blue in A.
-    shape_b = b[b.mean(-1) < 0.7]
-    shape_a = a[a.mean(-1) > 0.3]
+    # The same light background (a shape may cover a corner now and then: the median is background).
+    assert np.median(b[:, 0, 0].mean(-1)) > 0.75 and np.median(a[:, 0, 0].mean(-1)) > 0.75
+    # Shape pixels (far from the light grey): blue dominates red in B, red dominates blue in A.
+    shape_b = b[np.abs(b - b[:, :1, :1]).max(-1) > 0.25]
+    shape_a = a[np.abs(a - a[:, :1, :1]).max(-1) > 0.25]
     assert len(shape_b) > 0.05 * b[..., 0].size and len(shape_a) > 0.05 * a[..., 0].size
-    assert (shape_b[:, 2] > shape_b[:, 0]).mean() > 0.95
-    assert (shape_a[:, 0] > shape_a[:, 2]).mean() > 0.95
+    assert (shape_b[:, 2] > shape_b[:, 0]).mean() > 0.9
+    assert (shape_a[:, 0] > shape_a[:, 2]).mean() > 0.9
 
 
 def test_channel_quantiles_are_the_sorted_values():
