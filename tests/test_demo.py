@@ -113,9 +113,9 @@ def test_council_colour_distance_is_reproducible(shapes):
 
 
 def test_sixty_iterations_of_the_demo_council_lower_the_colour_distance(shapes):
-    """Not luck: the untrained council paints mid-grey noise (distance ~0.45 to the light test A images);
-    the first updates already pull its output towards the light background that fills most pixels, a
-    drop several times larger than any seed-to-seed spread seen (0.45 -> 0.16-0.26 by iteration 50-100)."""
+    """Not luck: the untrained council paints grey noise (distance 0.33-0.46 to the light test A images for
+    seeds 0 and 1 here); the first updates pull its output towards the light background that fills most
+    pixels (0.13-0.16 after 60 iterations for those seeds), a drop far larger than the margin asserted."""
     config = packaged_config("demo")
     trainer = CouncilTrainer(config, "cpu", seed=0)
     loader = TrainPairLoader(str(shapes), config, seed=0)
@@ -129,4 +129,4 @@ def test_sixty_iterations_of_the_demo_council_lower_the_colour_distance(shapes):
     finally:
         torch.set_num_threads(threads)
     after = demo.council_colour_distance(trainer, x_b, x_a)
-    assert before > 0.35 and after < before - 0.1, (before, after)
+    assert before > 0.3 and after < before - 0.1, (before, after)
