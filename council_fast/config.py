@@ -7,6 +7,7 @@ that names the file and the key.
 from __future__ import annotations
 
 import copy
+import difflib
 import fractions
 import math
 import os
@@ -191,7 +192,6 @@ def _merge(out: dict, raw: dict, defaults: dict, source: str, prefix: str) -> di
 
 
 def _suggest(key: str, known: dict) -> str:
-    import difflib
     close = difflib.get_close_matches(key, [k for k in known], n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

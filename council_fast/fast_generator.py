@@ -36,7 +36,7 @@ from .ops.winograd import conv3x3 as winograd_conv3x3
 from .ops.winograd import winograd_applies
 from .reference.networks import AdaINGen, AdaptiveInstanceNorm2d, Conv2dBlock, ResBlock, blend_with_masks
 
-__all__ = ["FastGenerator", "load_official_generator"]
+__all__ = ["FastGenerator"]
 
 
 @torch.compiler.assume_constant_result
@@ -82,14 +82,6 @@ class FastGenerator(nn.Module):
         fast = cls(input_dim, params, backend=backend, strict=strict, channels_last=channels_last)
         fast = fast.to(device=param.device, dtype=param.dtype)
         fast.load_state_dict(gen.state_dict(), strict=True)
-        return fast
-
-    @classmethod
-    def from_checkpoint(cls, path, input_dim, params, key="b2a", backend=None, strict=None,
-                        map_location="cpu") -> "FastGenerator":
-        """Load an official-format generator file (``{"b2a": state_dict}``) into a FastGenerator."""
-        fast = cls(input_dim, params, backend=backend, strict=strict)
-        fast.load_state_dict(load_official_generator(path, key, map_location), strict=True)
         return fast
 
     # ----------------------------------------------------------------------------------------
@@ -287,17 +279,3 @@ def _is_plain_padded_3x3(block: Conv2dBlock) -> bool:
 def _pad_type_of(gen: AdaINGen) -> str:
     pad = gen.enc_content.model[0].pad
     return {nn.ZeroPad2d: "zero", nn.ReflectionPad2d: "reflect", nn.ReplicationPad2d: "replicate"}[type(pad)]
-
-
-def load_official_generator(path, key="b2a", map_location="cpu") -> dict:
-    """The generator state dict of an official ``{"a2b"|"b2a": state_dict}`` file."""
-    try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: generator checkpoint not found") from None
-    except Exception as e:  # noqa: BLE001 - pickle errors come in many types
-        raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from None
-    if not isinstance(blob, dict) or key not in blob:
-        keys = sorted(blob) if isinstance(blob, dict) else type(blob).__name__
-        raise KeyError(f"{path}: expected an official generator file with key {key!r}, found {keys}")
-    return blob[key]

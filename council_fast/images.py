@@ -19,9 +19,9 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .fileio import atomic_write_bytes
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "open_rgb", "max_image_pixels", "PixelBudget", "DECODE_BUDGET",
-           "resize_shorter", "center_crop", "pil_to_tensor", "tensor_to_pil", "save_image", "FITS", "fit_square",
-           "make_grid", "save_grid", "test_transform", "upscale_nearest", "SheetLayout", "sheet_layout",
+__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "open_rgb", "as_rgb8", "max_image_pixels", "PixelBudget",
+           "DECODE_BUDGET", "resize_shorter", "center_crop", "pil_to_tensor", "tensor_to_pil", "save_image", "FITS",
+           "fit_square", "make_grid", "save_grid", "test_transform", "upscale_nearest", "SheetLayout", "sheet_layout",
            "labelled_sheet", "save_labelled_sheet", "SHEET_MIN_TILE"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -82,8 +82,7 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
             _bound_pixels(im, path)
             with DECODE_BUDGET.reserve(im.size[0] * im.size[1]):
                 im.load()  # truncated files fail here, not later
-                im = ImageOps.exif_transpose(im)
-                return _to_rgb8(im)
+                return as_rgb8(im)
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
         if isinstance(e, ImageReadError):
             raise
@@ -118,6 +117,11 @@ def _bound_pixels(im: Image.Image, path: str) -> None:
     raise ImageReadError(f"{path}: {w}x{h} is {w * h / 1e6:.0f} megapixels, over the {limit / 1e6:.0f}-megapixel "
                          f"limit per image (decoding it would take {w * h * 3 / 2**30:.1f} GB or more); shrink "
                          f"it, or raise COUNCIL_FAST_MAX_IMAGE_PIXELS")
+
+
+def as_rgb8(im: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB, as read from a file: EXIF rotation applied, transparency on white."""
+    return _to_rgb8(ImageOps.exif_transpose(im))
 
 
 def _to_rgb8(im: Image.Image) -> Image.Image:

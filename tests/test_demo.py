@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from council_fast import demo
+from council_fast.cli import demo
 from council_fast.colour_distance import channel_quantiles, colour_distance
 from council_fast.config import ignored_official_keys, load_config, official_keys_notice, packaged_config
 from council_fast.data import TrainPairLoader, make_shapes_dataset

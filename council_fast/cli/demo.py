@@ -1,7 +1,7 @@
-"""The built-in end-to-end job: no downloads, a few minutes on 2 CPU cores.
+"""The built-in end-to-end job: no downloads, a minute or two on 2 CPU cores (once the kernels are built).
 
 Writes the built-in shapes set (domain B: cool-coloured circles, squares and triangles on a light
-background; domain A: the same kinds of shapes in warm colours on a dark background), trains the
+background; domain A: the same kinds of shapes in warm colours on the same background), trains the
 packaged `demo` council (3 members, 32x32) on it in the b2a direction (B -> A, the direction the
 official anime config trains), then converts the domain-B test images with
 every member and writes a labelled contact sheet. It prints a number that shows the council learned:
@@ -18,14 +18,14 @@ import sys
 
 import torch
 
-from . import checkpoint as ckpt
-from .cli import main
-from .colour_distance import colour_distance
-from .config import packaged_config
-from .data import SHAPES_B_TO_A, load_test_images, make_shapes_dataset
-from .fused_trainer import unfused_switches
-from .threads import add_threads_argument, set_threads
-from .trainer import CouncilTrainer
+from .. import checkpoint as ckpt
+from ..colour_distance import colour_distance
+from ..config import packaged_config
+from ..data import SHAPES_B_TO_A, load_test_images, make_shapes_dataset
+from ..fused_trainer import unfused_switches
+from ..threads import add_threads_argument, set_threads
+from ..trainer import CouncilTrainer
+from . import main
 
 DEMO_CONFIG = "demo"
 DEMO_ITERS = 600
