@@ -44,12 +44,12 @@ def optional_extensions():
     exts = []
     if cpu_sources:
         exts.append(cpp_extension.CppExtension(
-            "council_fast._C_cpu", module + cpu_sources, extra_compile_args=["-O3", "-fopenmp"],
-            extra_link_args=["-fopenmp"]))
+            "council_fast._C_cpu", module + [os.path.join("csrc", "schemas.cpp")] + cpu_sources,  # schemas: CPU only
+            extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"]))
     if cuda_sources and cpp_extension.CUDA_HOME:
         exts.append(cpp_extension.CUDAExtension(
             "council_fast._C_cuda", module + cuda_sources,
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]}))  # no fast-math: see ops/_backend.py
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]}))  # no fast-math: see ops/extension.py
     return exts, {"build_ext": _TolerantBuildExt.wrap(cpp_extension.BuildExtension)}
 
 

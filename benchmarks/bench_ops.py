@@ -20,7 +20,7 @@ import torch
 from council_fast import FastGenerator
 from council_fast.bench import KINDS, NotApplicable, op_call, op_cases
 from council_fast.config import packaged_config
-from council_fast.ops import _backend
+from council_fast.ops import why_unavailable
 from council_fast.reference.networks import AdaINGen
 
 BATCH = int(os.environ.get("COUNCIL_FAST_BENCH_BATCH", "2"))
@@ -39,7 +39,7 @@ def _sync():
 def _backends() -> list:
     params = [pytest.param("reference", id="reference")]
     for name in ("triton", DEVICE.type):
-        reason = _backend._why_unavailable(name, DEVICE)
+        reason = why_unavailable(name, DEVICE)
         params.append(pytest.param(name, id=name, marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
     return params
 

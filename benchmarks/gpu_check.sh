@@ -332,7 +332,7 @@ import signal, time
 def stopped(*_):
     raise RuntimeError('the build was stopped at gpu_check\'s stage limit (${BUILD_TIMEOUT} s)')
 signal.signal(signal.SIGINT, stopped)
-from council_fast.ops._backend import load_extension
+from council_fast.ops import load_extension
 t = time.time()
 load_extension('cuda', verbose=True)
 print(f'cuda extension built/loaded in {time.time() - t:.1f} s')

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops._backend import resolve_backend
+from .ops import resolve_backend
 from .ops.adain import adain as adain_op
 from .ops.adain import instance_norm
 from .ops.decoder_tail import decoder_tail

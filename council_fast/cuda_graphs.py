@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from .ops._backend import strict_mode
+from .ops import strict_mode
 
 __all__ = ["GraphedCall", "CudaGraphCapturer", "CudaGraphError"]
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops._backend import resolve_backend
+from .ops import registry
 from .ops.adain import adain, instance_norm
 from .ops.decoder_tail import decoder_tail
 from .ops.upsample_conv import upsample2x_conv3x3
@@ -37,12 +37,6 @@ from .ops.winograd import winograd_applies
 from .reference.networks import AdaINGen, AdaptiveInstanceNorm2d, Conv2dBlock, ResBlock, blend_with_masks
 
 __all__ = ["FastGenerator"]
-
-
-@torch.compiler.assume_constant_result
-def _resolve(backend, device_type, device_index, strict):
-    # A constant for torch.compile: the choice reads the environment and may build an extension.
-    return resolve_backend(backend, torch.device(device_type, device_index), strict)
 
 
 class FastGenerator(nn.Module):
@@ -158,7 +152,7 @@ class FastGenerator(nn.Module):
 
     def _backend_for(self, t):
         requested = self.backend if self.backend is not None else os.environ.get("COUNCIL_FAST_BACKEND")
-        return _resolve(requested, t.device.type, t.device.index, self.strict)
+        return registry.resolve(requested, t.device, self.strict)
 
     def _cast(self, t):
         dtype = self.mlp.model[0].fc.weight.dtype

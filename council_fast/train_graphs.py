@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from .cuda_graphs import CudaGraphCapturer, CudaGraphError
-from .ops._backend import strict_mode
+from .ops import strict_mode
 
 __all__ = ["GraphedTrainStep"]
 

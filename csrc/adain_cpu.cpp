@@ -12,6 +12,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks.h"
+
 namespace {
 
 constexpr int64_t kBlock = 2048;
@@ -181,32 +183,16 @@ void backward_planes(const scalar_t* dy, const scalar_t* x, const float* weight,
   });
 }
 
-void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
-  TORCH_CHECK(x.device().is_cpu(), "adain (cpu): x must be a CPU tensor");
-  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "adain (cpu): x must be a contiguous (B, C, H, W) tensor");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-              "adain (cpu): x must be float32, bfloat16 or float16, got ", x.scalar_type());
-  const int64_t planes = x.size(0) * x.size(1);
-  for (const at::Tensor* t : {&weight, &bias}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == planes,
-                "adain (cpu): weight and bias must be contiguous float32 with B*C = ", planes, " values");
-  }
-}
-
-void check_output(const at::Tensor& out, const at::Tensor& like, const char* name) {
-  TORCH_CHECK(out.is_contiguous() && out.sizes() == like.sizes() && out.scalar_type() == like.scalar_type(),
-              "adain (cpu): output ", name, " must be contiguous with shape ", like.sizes(), " and dtype ",
-              like.scalar_type());
-}
-
+// split_threshold (the CUDA kernels' plane split) does not apply: one thread does a whole plane.
 void adain_forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                       const std::optional<at::Tensor>& residual, bool relu, double eps, const at::Tensor& y,
-                       const at::Tensor& mean, const at::Tensor& rstd) {
-  check_common(x, weight, bias);
-  check_output(y, x, "y");
-  check_output(mean, weight, "mean");
-  check_output(rstd, weight, "rstd");
-  if (residual.has_value()) check_output(*residual, x, "residual (input)");
+                       const std::optional<at::Tensor>& residual, bool relu, double eps, int64_t /*split_threshold*/,
+                       const at::Tensor& y, const at::Tensor& mean, const at::Tensor& rstd) {
+  using namespace council_fast::checks;
+  adain_inputs(x, weight, bias);
+  adain_like(y, x, "y");
+  adain_like(mean, weight, "mean");
+  adain_like(rstd, weight, "rstd");
+  if (residual.has_value()) adain_like(*residual, x, "residual");
   const int64_t planes = x.size(0) * x.size(1);
   const int64_t n = x.size(2) * x.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "adain_forward_cpu", [&] {
@@ -218,15 +204,16 @@ void adain_forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::
 }
 
 void adain_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                        const at::Tensor& mean, const at::Tensor& rstd, bool relu, const at::Tensor& dx,
-                        const at::Tensor& dweight, const at::Tensor& dbias) {
-  check_common(x, weight, bias);
-  check_output(dy, x, "dy (input)");
-  check_output(mean, weight, "mean (input)");
-  check_output(rstd, weight, "rstd (input)");
-  check_output(dx, x, "dx");
-  check_output(dweight, weight, "dweight");
-  check_output(dbias, weight, "dbias");
+                        const at::Tensor& mean, const at::Tensor& rstd, bool relu, int64_t /*split_threshold*/,
+                        const at::Tensor& dx, const at::Tensor& dweight, const at::Tensor& dbias) {
+  using namespace council_fast::checks;
+  adain_inputs(x, weight, bias);
+  adain_like(dy, x, "dy");
+  adain_like(mean, weight, "mean");
+  adain_like(rstd, weight, "rstd");
+  adain_like(dx, x, "dx");
+  adain_like(dweight, weight, "dweight");
+  adain_like(dbias, weight, "dbias");
   const int64_t planes = x.size(0) * x.size(1);
   const int64_t n = x.size(2) * x.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "adain_backward_cpu", [&] {
@@ -239,11 +226,7 @@ void adain_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Ten
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(council_fast_cpu, m) {
-  m.def("adain_forward(Tensor x, Tensor weight, Tensor bias, Tensor? residual, bool relu, float eps, "
-        "Tensor(a!) y, Tensor(b!) mean, Tensor(c!) rstd) -> ()",
-        &adain_forward_cpu);
-  m.def("adain_backward(Tensor dy, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor rstd, bool relu, "
-        "Tensor(a!) dx, Tensor(b!) dweight, Tensor(c!) dbias) -> ()",
-        &adain_backward_cpu);
+TORCH_LIBRARY_IMPL(council_fast, CPU, m) {  // schemas: csrc/schemas.cpp
+  m.impl("adain_forward_out", &adain_forward_cpu);
+  m.impl("adain_backward_out", &adain_backward_cpu);
 }

@@ -10,6 +10,8 @@
 
 #include <algorithm>
 
+#include "checks.h"
+
 namespace {
 
 constexpr int kThreads = 256;
@@ -263,27 +265,6 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------------------------
 // Host side
 
-void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
-  TORCH_CHECK(x.is_cuda(), "adain (cuda): x must be a CUDA tensor");
-  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "adain (cuda): x must be a contiguous (B, C, H, W) tensor");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-              "adain (cuda): x must be float32, bfloat16 or float16, got ", x.scalar_type());
-  const int64_t planes = x.size(0) * x.size(1);
-  for (const at::Tensor* t : {&weight, &bias}) {
-    TORCH_CHECK(t->device() == x.device() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
-                    t->numel() == planes,
-                "adain (cuda): weight and bias must be contiguous float32 on x's device with B*C = ", planes,
-                " values");
-  }
-}
-
-void check_tensor(const at::Tensor& t, const at::Tensor& like, const char* name) {
-  TORCH_CHECK(t.device() == like.device() && t.is_contiguous() && t.sizes() == like.sizes() &&
-                  t.scalar_type() == like.scalar_type(),
-              "adain (cuda): ", name, " must be contiguous on ", like.device(), " with shape ", like.sizes(),
-              " and dtype ", like.scalar_type());
-}
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 bool use_split(int64_t n, int64_t split_threshold) { return split_threshold > 0 && n > split_threshold; }
@@ -346,12 +327,13 @@ void launch_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
 void adain_forward_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                         const std::optional<at::Tensor>& residual, bool relu, double eps, int64_t split_threshold,
                         const at::Tensor& y, const at::Tensor& mean, const at::Tensor& rstd) {
-  check_common(x, weight, bias);
-  check_tensor(y, x, "y");
-  check_tensor(mean, weight, "mean");
-  check_tensor(rstd, weight, "rstd");
+  using namespace council_fast::checks;
+  adain_inputs(x, weight, bias);
+  adain_like(y, x, "y");
+  adain_like(mean, weight, "mean");
+  adain_like(rstd, weight, "rstd");
   const bool has_residual = residual.has_value();
-  if (has_residual) check_tensor(*residual, x, "residual");
+  if (has_residual) adain_like(*residual, x, "residual");
   if (x.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const float eps_f = static_cast<float>(eps);
@@ -368,13 +350,14 @@ void adain_forward_cuda(const at::Tensor& x, const at::Tensor& weight, const at:
 void adain_backward_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                          const at::Tensor& mean, const at::Tensor& rstd, bool relu, int64_t split_threshold,
                          const at::Tensor& dx, const at::Tensor& dweight, const at::Tensor& dbias) {
-  check_common(x, weight, bias);
-  check_tensor(dy, x, "dy");
-  check_tensor(mean, weight, "mean");
-  check_tensor(rstd, weight, "rstd");
-  check_tensor(dx, x, "dx");
-  check_tensor(dweight, weight, "dweight");
-  check_tensor(dbias, weight, "dbias");
+  using namespace council_fast::checks;
+  adain_inputs(x, weight, bias);
+  adain_like(dy, x, "dy");
+  adain_like(mean, weight, "mean");
+  adain_like(rstd, weight, "rstd");
+  adain_like(dx, x, "dx");
+  adain_like(dweight, weight, "dweight");
+  adain_like(dbias, weight, "dbias");
   if (x.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "adain_backward_cuda", [&] {
@@ -385,11 +368,7 @@ void adain_backward_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Te
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(council_fast_cuda, m) {
-  m.def("adain_forward(Tensor x, Tensor weight, Tensor bias, Tensor? residual, bool relu, float eps, "
-        "int split_threshold, Tensor(a!) y, Tensor(b!) mean, Tensor(c!) rstd) -> ()",
-        &adain_forward_cuda);
-  m.def("adain_backward(Tensor dy, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor rstd, bool relu, "
-        "int split_threshold, Tensor(a!) dx, Tensor(b!) dweight, Tensor(c!) dbias) -> ()",
-        &adain_backward_cuda);
+TORCH_LIBRARY_IMPL(council_fast, CUDA, m) {  // schemas: csrc/schemas.cpp
+  m.impl("adain_forward_out", &adain_forward_cuda);
+  m.impl("adain_backward_out", &adain_backward_cuda);
 }

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <vector>
 
+#include "checks.h"
 #include "cpu_simd.h"
 
 namespace {
@@ -134,54 +135,13 @@ void block_forward(const Weights& w, const scalar_t* h, const Pixels& hs, int64_
   council_fast::tanh_array(s.t.data(), s.t.data(), w.N * kBlock);
 }
 
-void check_inputs(const at::Tensor& h, const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& images,
-                  int64_t num_masks) {
-  TORCH_CHECK(h.dim() == 4 && images.dim() == 4, "decoder_tail: h and images must be 4-D");
-  TORCH_CHECK(num_masks >= 1 && num_masks <= 64, "decoder_tail: num_masks must be in 1..64");
-  TORCH_CHECK(images.size(1) >= 1 && images.size(1) <= 8, "decoder_tail cpu: output_dim must be in 1..8");
-  TORCH_CHECK(w1.dim() == 2 && w1.size(0) == h.size(1) && w1.size(1) == h.size(1), "decoder_tail: w1 shape");
-  TORCH_CHECK(w3.dim() == 2 && w3.size(0) == (images.size(1) + 1) * num_masks && w3.size(1) == h.size(1),
-              "decoder_tail: w3 must be ((output_dim + 1) * num_masks, dim)");
-  for (const at::Tensor* t : {&h, &images})
-    TORCH_CHECK(t->size(2) <= 1 || t->stride(2) == t->size(3) * t->stride(3),
-                "decoder_tail: H and W must merge into one pixel stride (NCHW or channels_last)");
-}
-
-void check_outputs(const at::Tensor& h, const at::Tensor& images, int64_t num_masks, const at::Tensor& out,
-                   const at::Tensor& masks) {
-  const std::vector<int64_t> out_shape{h.size(0), images.size(1), h.size(2), h.size(3)};
-  const std::vector<int64_t> mask_shape{h.size(0), num_masks, h.size(2), h.size(3)};
-  TORCH_CHECK(out.sizes() == at::IntArrayRef(out_shape) && out.is_contiguous() && out.scalar_type() == h.scalar_type(),
-              "decoder_tail: out must be a contiguous (B, output_dim, H, W) tensor of h's dtype");
-  TORCH_CHECK(masks.sizes() == at::IntArrayRef(mask_shape) && masks.is_contiguous() &&
-                  masks.scalar_type() == h.scalar_type(),
-              "decoder_tail: masks must be a contiguous (B, num_masks, H, W) tensor of h's dtype");
-}
-
-void check_grads(const at::Tensor& h, const at::Tensor& images, const at::Tensor& grad_out,
-                 const c10::optional<at::Tensor>& grad_masks, const at::Tensor& grad_h, const at::Tensor& grad_img) {
-  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == h.size(0) && grad_out.size(1) == images.size(1) &&
-                  grad_out.size(2) == h.size(2) && grad_out.size(3) == h.size(3),
-              "decoder_tail: grad_out must have the output's shape");
-  if (grad_masks.has_value())
-    TORCH_CHECK(grad_masks->dim() == 4 && grad_masks->size(0) == h.size(0) && grad_masks->size(2) == h.size(2) &&
-                    grad_masks->size(3) == h.size(3),
-                "decoder_tail: grad_masks must have the masks' shape");
-  TORCH_CHECK(grad_h.sizes() == h.sizes() && grad_h.scalar_type() == h.scalar_type() &&
-                  grad_img.sizes() == images.sizes() && grad_img.scalar_type() == images.scalar_type(),
-              "decoder_tail: grad_h / grad_images must match h / images");
-  for (const at::Tensor* t : {&grad_h, &grad_img})
-    TORCH_CHECK(t->size(2) <= 1 || t->stride(2) == t->size(3) * t->stride(3),
-                "decoder_tail: gradients must have H and W merged into one pixel stride");
-}
-
 void forward(const at::Tensor& h, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
              const at::Tensor& b2, const at::Tensor& w3, const at::Tensor& b3, const at::Tensor& images,
              int64_t num_masks, at::Tensor& out, at::Tensor& masks) {
-  check_inputs(h, w1, w3, images, num_masks);
+  council_fast::checks::decoder_tail_inputs(h, w1, b1, w2, b2, w3, b3, images, num_masks);
+  council_fast::checks::decoder_tail_outputs(h, images, num_masks, out, masks);
   const Weights w(w1, b1, w2, b2, w3, b3, images.size(1), num_masks);
   const int64_t B = h.size(0), HW = h.size(2) * h.size(3);
-  check_outputs(h, images, num_masks, out, masks);
   const int64_t per_image = (HW + kBlock - 1) / kBlock;
   const Pixels hs(h), is(images);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "decoder_tail_forward_cpu", [&] {
@@ -256,9 +216,10 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const c10::optional
                                  const at::Tensor& h, const at::Tensor& w1, const at::Tensor& b1,
                                  const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& w3,
                                  const at::Tensor& b3, const at::Tensor& images, int64_t num_masks,
-                                 at::Tensor& grad_h, at::Tensor& grad_img) {
-  check_inputs(h, w1, w3, images, num_masks);
-  check_grads(h, images, grad_out, grad_masks, grad_h, grad_img);
+                                 int64_t /*max_chunk: one pass, per-thread sums*/, at::Tensor& grad_h,
+                                 at::Tensor& grad_img) {
+  council_fast::checks::decoder_tail_inputs(h, w1, b1, w2, b2, w3, b3, images, num_masks);
+  council_fast::checks::decoder_tail_grads(h, images, grad_out, grad_masks, grad_h, grad_img);
   const Weights w(w1, b1, w2, b2, w3, b3, images.size(1), num_masks);
   const std::vector<float> w1t = transposed(w.w1, w.D, w.D), w2t = transposed(w.w2, w.D, w.D),
                            w3t = transposed(w.w3, w.N, w.D);
@@ -334,15 +295,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const c10::optional
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(council_fast_cpu, m) {
-  m.def("decoder_tail_forward(Tensor h, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3, "
-        "Tensor images, int num_masks, Tensor(a!) out, Tensor(b!) masks) -> ()");
-  m.def("decoder_tail_backward(Tensor grad_out, Tensor? grad_masks, Tensor h, Tensor w1, Tensor b1, Tensor w2, "
-        "Tensor b2, Tensor w3, Tensor b3, Tensor images, int num_masks, Tensor(a!) grad_h, Tensor(b!) grad_images) "
-        "-> Tensor[]");  // the six weight and bias gradients
-}
-
-TORCH_LIBRARY_IMPL(council_fast_cpu, CPU, m) {
-  m.impl("decoder_tail_forward", &forward);
-  m.impl("decoder_tail_backward", &backward);
+TORCH_LIBRARY_IMPL(council_fast, CPU, m) {  // schemas: csrc/schemas.cpp
+  m.impl("decoder_tail_forward_out", &forward);
+  m.impl("decoder_tail_backward_out", &backward);
 }

@@ -16,12 +16,15 @@
 #include <algorithm>
 #include <vector>
 
+#include "checks.h"
+
 namespace {
 
 constexpr int kThreads = 128;
 constexpr int kMaxGeneric = 256;  // largest dim / raw-channel count of the generic kernels
 constexpr int kMaxOut = 8;
 constexpr int kMaxMasks = 64;
+static_assert(kMaxOut == 8 && kMaxMasks == 64, "csrc/checks.h enforces these bounds");
 
 // The element type is a run-time switch (uniform across a launch), not a template parameter: three
 // instantiations of the unrolled kernels would triple the compile time for nothing.
@@ -253,59 +256,9 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
   FOR_CHANNELS(i, D_, D) store_elem(grad_h, b * ghs.sb + i * ghs.sc + p * ghs.sp, ga[i], s.code);
 }
 
-void check_same_device(const at::Tensor& h, std::initializer_list<const at::Tensor*> others) {
-  TORCH_CHECK(h.is_cuda(), "decoder_tail cuda: CUDA tensors only");
-  for (const at::Tensor* t : others)
-    TORCH_CHECK(t->device() == h.device(), "decoder_tail cuda: every tensor must be on ", h.device(), ", got one on ",
-                t->device());
-}
-
-void check_inputs(const at::Tensor& h, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-                  const at::Tensor& b2, const at::Tensor& w3, const at::Tensor& b3, const at::Tensor& images,
-                  int64_t num_masks) {
-  check_same_device(h, {&w1, &b1, &w2, &b2, &w3, &b3, &images});
-  TORCH_CHECK(images.scalar_type() == h.scalar_type(), "decoder_tail cuda: images must have h's dtype");
-  TORCH_CHECK(h.dim() == 4 && images.dim() == 4, "decoder_tail: h and images must be 4-D");
-  TORCH_CHECK(num_masks >= 1 && num_masks <= kMaxMasks, "decoder_tail cuda: num_masks must be in 1..64");
-  TORCH_CHECK(images.size(1) >= 1 && images.size(1) <= kMaxOut, "decoder_tail cuda: output_dim must be in 1..8");
+// Limits of these kernels beyond the shared checks (csrc/checks.h).
+void check_cuda_limits(const at::Tensor& h, const at::Tensor& w3) {
   TORCH_CHECK(h.size(1) <= kMaxGeneric && w3.size(0) <= kMaxGeneric, "decoder_tail cuda: dim and raw channels <= 256");
-  TORCH_CHECK(w1.dim() == 2 && w1.size(0) == h.size(1) && w1.size(1) == h.size(1), "decoder_tail: w1 shape");
-  TORCH_CHECK(w3.dim() == 2 && w3.size(0) == (images.size(1) + 1) * num_masks && w3.size(1) == h.size(1),
-              "decoder_tail: w3 must be ((output_dim + 1) * num_masks, dim)");
-  for (const at::Tensor* t : {&h, &images})
-    TORCH_CHECK(t->size(2) <= 1 || t->stride(2) == t->size(3) * t->stride(3),
-                "decoder_tail: H and W must merge into one pixel stride (NCHW or channels_last)");
-}
-
-void check_outputs(const at::Tensor& h, const at::Tensor& images, int64_t num_masks, const at::Tensor& out,
-                   const at::Tensor& masks) {
-  const std::vector<int64_t> out_shape{h.size(0), images.size(1), h.size(2), h.size(3)};
-  const std::vector<int64_t> mask_shape{h.size(0), num_masks, h.size(2), h.size(3)};
-  check_same_device(h, {&out, &masks});
-  TORCH_CHECK(out.sizes() == at::IntArrayRef(out_shape) && out.is_contiguous() && out.scalar_type() == h.scalar_type(),
-              "decoder_tail: out must be a contiguous (B, output_dim, H, W) tensor of h's dtype");
-  TORCH_CHECK(masks.sizes() == at::IntArrayRef(mask_shape) && masks.is_contiguous() &&
-                  masks.scalar_type() == h.scalar_type(),
-              "decoder_tail: masks must be a contiguous (B, num_masks, H, W) tensor of h's dtype");
-}
-
-void check_grads(const at::Tensor& h, const at::Tensor& images, const at::Tensor& grad_out,
-                 const c10::optional<at::Tensor>& grad_masks, const at::Tensor& grad_h, const at::Tensor& grad_img) {
-  check_same_device(h, {&grad_out, &grad_h, &grad_img});
-  if (grad_masks.has_value()) check_same_device(h, {&grad_masks.value()});
-  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == h.size(0) && grad_out.size(1) == images.size(1) &&
-                  grad_out.size(2) == h.size(2) && grad_out.size(3) == h.size(3),
-              "decoder_tail: grad_out must have the output's shape");
-  if (grad_masks.has_value())
-    TORCH_CHECK(grad_masks->dim() == 4 && grad_masks->size(0) == h.size(0) && grad_masks->size(2) == h.size(2) &&
-                    grad_masks->size(3) == h.size(3),
-                "decoder_tail: grad_masks must have the masks' shape");
-  TORCH_CHECK(grad_h.sizes() == h.sizes() && grad_h.scalar_type() == h.scalar_type() &&
-                  grad_img.sizes() == images.sizes() && grad_img.scalar_type() == images.scalar_type(),
-              "decoder_tail: grad_h / grad_images must match h / images");
-  for (const at::Tensor* t : {&grad_h, &grad_img})
-    TORCH_CHECK(t->size(2) <= 1 || t->stride(2) == t->size(3) * t->stride(3),
-                "decoder_tail: gradients must have H and W merged into one pixel stride");
 }
 
 // The anime decoder's (dim 64, 12 raw channels) forward and backward get the fixed-size kernels.
@@ -336,13 +289,14 @@ void allow_shared(Kernel kernel, size_t bytes) {
 void forward(const at::Tensor& h, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
              const at::Tensor& b2, const at::Tensor& w3, const at::Tensor& b3, const at::Tensor& images,
              int64_t num_masks, at::Tensor& out, at::Tensor& masks) {
-  check_inputs(h, w1, b1, w2, b2, w3, b3, images, num_masks);
+  council_fast::checks::decoder_tail_inputs(h, w1, b1, w2, b2, w3, b3, images, num_masks);
+  council_fast::checks::decoder_tail_outputs(h, images, num_masks, out, masks);
+  check_cuda_limits(h, w3);
   const c10::cuda::CUDAGuard guard(h.device());
   auto w = float_weights({w1, b1, w2, b2, w3, b3});
   const int64_t B = h.size(0), HW = h.size(2) * h.size(3);
   const Shape s{static_cast<int>(h.size(1)), static_cast<int>(w3.size(0)), static_cast<int>(images.size(1)),
                 static_cast<int>(num_masks), dtype_code(h), HW, B * HW};
-  check_outputs(h, images, num_masks, out, masks);
   if (s.total == 0) return;
   const size_t smem = shared_bytes(s.D, s.N, h.device());
   const dim3 grid(static_cast<unsigned>((s.total + kThreads - 1) / kThreads));
@@ -363,8 +317,9 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const c10::optional
                                  const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& w3,
                                  const at::Tensor& b3, const at::Tensor& images, int64_t num_masks,
                                  int64_t max_chunk, at::Tensor& grad_h, at::Tensor& grad_img) {
-  check_inputs(h, w1, b1, w2, b2, w3, b3, images, num_masks);
-  check_grads(h, images, grad_out, grad_masks, grad_h, grad_img);
+  council_fast::checks::decoder_tail_inputs(h, w1, b1, w2, b2, w3, b3, images, num_masks);
+  council_fast::checks::decoder_tail_grads(h, images, grad_out, grad_masks, grad_h, grad_img);
+  check_cuda_limits(h, w3);
   TORCH_CHECK(max_chunk >= 1, "decoder_tail cuda: max_chunk must be positive, got ", max_chunk);
   const c10::cuda::CUDAGuard guard(h.device());
   auto w = float_weights({w1, b1, w2, b2, w3, b3});
@@ -412,16 +367,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const c10::optional
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(council_fast_cuda, m) {
-  m.def("decoder_tail_forward(Tensor h, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3, "
-        "Tensor images, int num_masks, Tensor(a!) out, Tensor(b!) masks) -> ()");
-  m.def("decoder_tail_backward(Tensor grad_out, Tensor? grad_masks, Tensor h, Tensor w1, Tensor b1, Tensor w2, "
-        "Tensor b2, Tensor w3, Tensor b3, Tensor images, int num_masks, int max_chunk, Tensor(a!) grad_h, "
-        "Tensor(b!) grad_images) "
-        "-> Tensor[]");  // the six weight and bias gradients
-}
-
-TORCH_LIBRARY_IMPL(council_fast_cuda, CUDA, m) {
-  m.impl("decoder_tail_forward", &forward);
-  m.impl("decoder_tail_backward", &backward);
+TORCH_LIBRARY_IMPL(council_fast, CUDA, m) {  // schemas: csrc/schemas.cpp
+  m.impl("decoder_tail_forward_out", &forward);
+  m.impl("decoder_tail_backward_out", &backward);
 }

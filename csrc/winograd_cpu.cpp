@@ -254,9 +254,8 @@ void winograd_gemm(const at::Tensor& u, const at::Tensor& v, const at::Tensor& m
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(council_fast_cpu, m) {
-  m.def("winograd_input_transform(Tensor x, Tensor(a!) v) -> ()", &winograd_input_transform);
-  m.def("winograd_output_transform(Tensor m, Tensor? bias, Tensor(a!) y) -> ()",
-        &winograd_output_transform);
-  m.def("winograd_gemm(Tensor u, Tensor v, Tensor(a!) m) -> ()", &winograd_gemm);
+TORCH_LIBRARY_IMPL(council_fast, CPU, m) {  // schemas: csrc/schemas.cpp
+  m.impl("winograd_input_transform", &winograd_input_transform);
+  m.impl("winograd_output_transform", &winograd_output_transform);
+  m.impl("winograd_gemm", &winograd_gemm);
 }

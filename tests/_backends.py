@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from council_fast.ops import _backend
+from council_fast.ops import registry
 
 HAS_CUDA = torch.cuda.is_available()
 # A test parametrised over devices: the CPU everywhere, the GPU case marked gpu and skipped without one.
@@ -34,8 +34,8 @@ def require_backend(name: str, monkeypatch=None) -> str:
         return _cuda_emulator.install(monkeypatch)
     if name == "cuda" and not HAS_CUDA:
         pytest.skip("the cuda back-end needs a CUDA device; this machine has none")
-    if name == "triton" and not HAS_CUDA and not _backend.triton_interpreted():
+    if name == "triton" and not HAS_CUDA and not registry.triton_interpreted():
         pytest.skip("triton on the CPU needs TRITON_INTERPRET=1 set before the test session starts")
-    reason = _backend._why_unavailable(name, torch.device(device_for(name)))
+    reason = registry.why_unavailable(name, torch.device(device_for(name)))
     assert reason is None, f"back-end {name!r} should run here but cannot: {reason}"
     return name

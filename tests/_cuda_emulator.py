@@ -7,10 +7,12 @@ shuffles (see that header for what is and is not modelled):
 - ``kernel<<<grid, block, bytes, stream>>>(args)`` becomes ``cf_emu::launch(kernel, grid, block, bytes, stream)(args)``;
 - ``extern __shared__ T name[];`` and ``__shared__ T name[...];`` become per-block emulator buffers;
 - the CUDA headers go (the emulator header stands in), ``.is_cuda()`` checks accept CPU tensors,
-  and the operators register as ``council_fast_cuda_emu`` for CPU tensors.
+  and ``TORCH_LIBRARY_IMPL(council_fast, CUDA, m)`` becomes ``(council_fast_cuda_emu, CPU, m)``:
+  the CPU dispatch key of ``council_fast`` belongs to the real CPU kernels, so the emulated ones get
+  a namespace of their own, with the same schemas (csrc/schemas.cpp compiled under that name).
 
 ``install(monkeypatch)`` then makes the ``cuda`` back-end of council_fast run those kernels on CPU
-tensors: the same Python wrappers, autograd functions and host code as on a GPU, other kernels.
+tensors: the same Python wrappers, registry ops, autograd and host code as on a GPU, other kernels.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import re
 
 import torch
 
-from council_fast.ops import _backend
+from council_fast.ops import extension, registry
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EMU_DIR = os.path.join(HERE, "cuda_emu")
@@ -68,16 +70,24 @@ def rewrite(source: str) -> str:
                 f"::cf_emu::shared_var<{m.group(1)}{m.group(3)}>(&{tag});")
 
     out = _STATIC_SHARED.sub(static_shared, out)
-    out = out.replace(".is_cuda()", ".is_cpu()").replace("council_fast_cuda", NAMESPACE)
-    out = re.sub(rf"TORCH_LIBRARY_IMPL\(\s*{NAMESPACE}\s*,\s*CUDA\s*,", f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU,", out)
+    out = out.replace(".is_cuda()", ".is_cpu()")
+    out = re.sub(r"TORCH_LIBRARY_IMPL\(\s*council_fast\s*,\s*CUDA\s*,", f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU,", out)
     for construct in ("<<<", "__shared__"):
         if construct in out:
             raise RuntimeError(f"cuda emulator: a {construct} the rewrite does not handle is left")
     return '#include "cuda_emu.h"\n' + out
 
 
+def rewrite_schemas(source: str) -> str:
+    """csrc/schemas.cpp defining the same schemas in the emulator's namespace."""
+    out, count = re.subn(r"TORCH_LIBRARY\(\s*council_fast\s*,", f"TORCH_LIBRARY({NAMESPACE},", source)
+    if count != 1:
+        raise RuntimeError(f"cuda emulator: expected one TORCH_LIBRARY(council_fast, m) in schemas.cpp, found {count}")
+    return out
+
+
 def cuda_sources() -> list[str]:
-    root = _backend.csrc_dir()
+    root = extension.csrc_dir()
     return sorted(glob.glob(os.path.join(root, "*_cuda.cu")))
 
 
@@ -91,7 +101,9 @@ def build(verbose: bool = False) -> str:
     kernels = cuda_sources() + sorted(glob.glob(os.path.join(EMU_DIR, "*_cuda.cu")))  # + the self-test kernels
     sources = {os.path.basename(p): rewrite(open(p).read()) for p in kernels}
     sources["emu_ops.cpp"] = open(os.path.join(EMU_DIR, "emu_ops.cpp")).read()
-    digest = hashlib.sha1(open(os.path.join(EMU_DIR, "cuda_emu.h"), "rb").read())
+    sources["schemas.cpp"] = rewrite_schemas(open(os.path.join(extension.csrc_dir(), "schemas.cpp")).read())
+    headers = [os.path.join(EMU_DIR, "cuda_emu.h")] + sorted(glob.glob(os.path.join(extension.csrc_dir(), "*.h")))
+    digest = hashlib.sha1(b"".join(open(path, "rb").read() for path in headers))
     for name in sorted(sources):
         digest.update(name.encode() + sources[name].encode())
     digest.update((torch.__version__ + " ".join(CFLAGS)).encode())
@@ -107,8 +119,8 @@ def build(verbose: bool = False) -> str:
             with open(path, "w") as f:
                 f.write(text)
         paths.append(path)
-    _backend.wait_for_build_lock(name)
-    cpp_extension.load(name=name, sources=paths, extra_cflags=CFLAGS, extra_include_paths=[EMU_DIR],
+    extension.wait_for_build_lock(name)
+    cpp_extension.load(name=name, sources=paths, extra_cflags=CFLAGS, extra_include_paths=[EMU_DIR, extension.csrc_dir()],
                        is_python_module=False, verbose=verbose)
     _built[name] = name
     return name
@@ -121,14 +133,14 @@ def launches() -> int:
 def install(monkeypatch) -> str:
     """Routes the ``cuda`` back-end to the emulated kernels for one test; returns the back-end name."""
     build()
-    monkeypatch.setattr(torch.ops, "council_fast_cuda", getattr(torch.ops, NAMESPACE), raising=False)
-    monkeypatch.setitem(_backend._ext_cache, "cuda", NAMESPACE)
-    real = _backend._why_unavailable
+    monkeypatch.setitem(extension.NAMESPACES, "cuda", NAMESPACE)
+    monkeypatch.setitem(extension._ext_cache, "cuda", NAMESPACE)
+    real = registry.why_unavailable
 
-    def why_unavailable(name, device):
+    def why_unavailable(name, device, op=None):
         if name == "cuda" and torch.device(device).type == "cpu":
             return None
-        return real(name, device)
+        return real(name, device, op)
 
-    monkeypatch.setattr(_backend, "_why_unavailable", why_unavailable)
+    monkeypatch.setattr(registry, "why_unavailable", why_unavailable)
     return "cuda"

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from council_fast.config import packaged_config
+from council_fast.ops import registry
 
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 
@@ -22,6 +23,14 @@ def exact_fp32_on_cuda():
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def poisoned_kernel_outputs():
+    """Every fused op's outputs start as NaN in tests (ops/registry.py), so an element a kernel never
+    writes fails the comparison with its reference twin."""
+    with registry.poisoned_outputs():
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -14,11 +14,10 @@ import torch
 
 from council_fast import fast_generator as fast_generator_mod
 from council_fast.fast_generator import FastGenerator
-from council_fast.ops import _backend
+from council_fast.ops import registry
 from council_fast.ops import adain as adain_mod
-from council_fast.ops import decoder_tail as tail_mod
 from council_fast.ops import winograd as winograd_mod
-from council_fast.ops._backend import BackendUnavailable
+from council_fast.ops.registry import BackendUnavailable
 from council_fast.reference.networks import AdaINGen, Conv2dBlock
 from _backends import CPU_AND_CUDA, FUSED, HAS_CUDA, device_for, require_backend
 
@@ -29,8 +28,6 @@ BACKENDS = ["reference", *FUSED]
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
     name = require_backend(request.param, monkeypatch)
-    monkeypatch.setattr(tail_mod, "POISON_OUTPUTS", True)
-    monkeypatch.setattr(adain_mod, "POISON_OUTPUTS", True)
     return name
 
 
@@ -125,7 +122,6 @@ def test_winograd_convs_cpu(params_of, size, tiny_config, monkeypatch):
     the generator still meets the fp32 tolerances, forward and backward."""
     require_backend("cpu")
     monkeypatch.setattr(winograd_mod, "WINOGRAD_MIN_CHANNELS", 1)
-    monkeypatch.setattr(winograd_mod, "POISON_OUTPUTS", True)
     calls = []
     real = winograd_mod.conv3x3
     monkeypatch.setattr(fast_generator_mod, "winograd_conv3x3", lambda *a: calls.append(1) or real(*a))
@@ -199,9 +195,9 @@ def test_backend_choice(monkeypatch, tiny_config):
         monkeypatch.delenv("COUNCIL_FAST_BACKEND")
 
         # auto without any fused back-end: one warning and the reference; strict mode raises instead.
-        monkeypatch.setattr(_backend, "_why_unavailable",
-                            lambda name, device: None if name == "reference" else "disabled by the test")
-        monkeypatch.setattr(_backend, "_warned", set())
+        monkeypatch.setattr(registry, "why_unavailable",
+                            lambda name, device, op=None: None if name == "reference" else "disabled by the test")
+        monkeypatch.setattr(registry, "_warned", set())
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             auto = FastGenerator.from_reference(ref, backend="auto")

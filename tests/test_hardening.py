@@ -30,7 +30,7 @@ from council_fast import checkpoint as ckpt
 from council_fast import fileio, images
 from council_fast.cli import main
 from council_fast.config import ConfigError, load_config
-from council_fast.ops import _backend
+from council_fast.ops import extension
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -216,12 +216,12 @@ def test_2_a_damaged_adam_moment_in_a_full_state_is_named(micro_config, syntheti
 # --------------------------------------------------------------------------- 3. extension cache
 
 def test_3_the_extension_cache_is_keyed_by_the_torch_installation(monkeypatch):
-    base = _backend._build_spec("cpu")[0]
+    base = extension._build_spec("cpu")[0]
     monkeypatch.setattr(torch, "__file__", "/other/env/site-packages/torch/__init__.py")
-    assert _backend._build_spec("cpu")[0] != base
+    assert extension._build_spec("cpu")[0] != base
     monkeypatch.undo()
     monkeypatch.setattr(sys, "prefix", "/other/venv")
-    assert _backend._build_spec("cpu")[0] != base
+    assert extension._build_spec("cpu")[0] != base
 
 
 def test_3_two_builds_never_write_one_folder_at_once(monkeypatch, tmp_path, capsys):
@@ -241,7 +241,7 @@ def test_3_two_builds_never_write_one_folder_at_once(monkeypatch, tmp_path, caps
 
     monkeypatch.setattr(cpp_extension, "load", fake_load)
     monkeypatch.setitem(sys.modules, "council_fast._C_cpu", None)  # no prebuilt module
-    threads = [threading.Thread(target=_backend._build, args=("cpu", False)) for _ in range(2)]
+    threads = [threading.Thread(target=extension._build, args=("cpu", False)) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -377,7 +377,8 @@ def test_6_sigterm_finishes_the_iteration_saves_and_exits_143(micro_config, synt
     assert proc.returncode == 143, err
     assert "SIGTERM" in err
     state = ckpt.load_full_state(ckpt.latest_full_state_path(out / "checkpoints"))
-    assert 2 <= state["iteration"] < 1000
+    # The signal may land before the second iteration starts: every finished iteration is saved, none lost.
+    assert 1 <= state["iteration"] < 1000
 
 
 # --------------------------------------------------------------------------- 7. leftovers of kill -9

@@ -2,7 +2,7 @@
 
 The CPU extension must build and, under TRITON_INTERPRET=1, the Triton kernels must run: those back-ends fail
 rather than skip. The cuda back-end (and Triton without the interpreter) needs a GPU and is skipped without one.
-Fused outputs start as NaN (POISON_OUTPUTS), so an element a kernel never writes fails the comparison.
+Fused outputs start as NaN (the registry's poisoning, on for every test: conftest.py), so an element a kernel never writes fails the comparison.
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from council_fast.ops import _backend
+from council_fast.ops import registry
 from council_fast.ops import adain as adain_mod
-from council_fast.ops._backend import BackendUnavailable
+from council_fast.ops.registry import BackendUnavailable
 from council_fast.ops.adain import adain, adain_reference, instance_norm, instance_norm_reference
 from _backends import FUSED, HAS_CUDA, device_for, require_backend
 
@@ -29,7 +29,6 @@ SHRUNK_TRITON = adain_mod.TritonTuning(single_pass_max=128, tile=64, chunk=128)
 @pytest.fixture(params=FUSED)
 def backend(request, monkeypatch):
     name = require_backend(request.param, monkeypatch)
-    monkeypatch.setattr(adain_mod, "POISON_OUTPUTS", True)
     monkeypatch.setattr(adain_mod, "TRITON_TUNING", SHRUNK_TRITON)
     monkeypatch.setattr(adain_mod, "CUDA_SPLIT_THRESHOLD", 256)
     return name
@@ -185,8 +184,8 @@ def test_explicitly_named_unavailable_backend_raises():
 def test_auto_falls_back_with_one_warning_and_strict_raises(monkeypatch):
     monkeypatch.delenv("COUNCIL_FAST_BACKEND", raising=False)
     monkeypatch.delenv("COUNCIL_FAST_STRICT", raising=False)
-    monkeypatch.setattr(_backend, "_why_unavailable", lambda name, device: None if name == "reference" else "test")
-    monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.setattr(registry, "why_unavailable", lambda name, device, op=None: None if name == "reference" else "test")
+    monkeypatch.setattr(registry, "_warned", set())
     x, w, b, _, _ = _inputs((1, 3, 7, 9), torch.float32, "cpu", residual=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -236,8 +235,8 @@ def test_compiles_fullgraph_with_gradients():
 def test_opcheck_custom_ops():
     x, w, b, r, dy = _inputs((2, 3, 5, 7), torch.float32, "cpu", residual=True)
     args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), r.requires_grad_(), True, 1e-5, "cpu")
-    torch.library.opcheck(torch.ops.council_fast.adain_forward.default, args)
-    _, mean, rstd = torch.ops.council_fast.adain_forward(x.detach(), w.detach(), b.detach(), None, True, 1e-5, "cpu")
+    torch.library.opcheck(torch.ops.council_fast.adain.default, args)
+    _, mean, rstd = torch.ops.council_fast.adain(x.detach(), w.detach(), b.detach(), None, True, 1e-5, "cpu")
     torch.library.opcheck(torch.ops.council_fast.adain_backward.default,
                           (dy, x.detach(), w.detach(), b.detach(), mean, rstd, True, "cpu"))
 

@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-from ..ops import _backend
+from ..ops import BACKENDS, cached_build, why_unavailable
 from ..version import __version__
 
 
@@ -37,13 +37,13 @@ def run(args) -> int:
     print(f"{'gpus':>14}: {', '.join(gpus) if gpus else 'none'}")
     devices = ["cpu"] + (["cuda"] if gpus else [])
     for device in devices:
-        for backend in _backend.BACKENDS:
+        for backend in BACKENDS:
             if backend in ("cpu", "cuda") and backend == device and not args.build:
-                built = _backend.cached_build(backend)
+                built = cached_build(backend)
                 status = (f"built ({built}); loads on first use" if built else
                           "not built yet: JIT-built on first use (pass --build to build it now)")
             else:
-                reason = _backend._why_unavailable(backend, torch.device(device))
+                reason = why_unavailable(backend, torch.device(device))
                 status = "available" if reason is None else f"unavailable: {reason}"
             print(f"{device + '/' + backend:>14}: {status}")
     return 0

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from ..ops._backend import csrc_dir
+from ..ops.extension import csrc_dir
 
 
 def cuda_include_dir() -> str:
@@ -48,7 +48,7 @@ def nvcc_command(source: str, archs: list[str], output: str, extra_includes: tup
     includes = (cpp_extension.include_paths() + [cuda_include_dir(), sysconfig.get_paths()["include"]]
                 + list(extra_includes))
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    from ..ops._backend import CUDA_FLAGS
+    from ..ops.extension import CUDA_FLAGS
     # torch's own nvcc flags (it defines __CUDA_NO_HALF_OPERATORS__ and friends) plus ours, as the JIT build
     cmd = (["nvcc", *CUDA_FLAGS, "-c", source, "-o", output,
             "-DTORCH_EXTENSION_NAME=council_fast_cuda_check", "-DTORCH_API_INCLUDE_EXTENSION_H",

@@ -145,15 +145,15 @@ class Recorder:
 
 def _route_triton_to_cpu():
     """Lets the triton back-end be chosen for CPU tensors (its kernels are only recorded)."""
-    from ..ops import _backend
+    from ..ops import registry
 
-    real = _backend._why_unavailable
+    real = registry.why_unavailable
 
-    def why_unavailable(name, device):
-        return None if name == "triton" else real(name, device)
+    def why_unavailable(name, device, op=None):
+        return None if name == "triton" else real(name, device, op)
 
-    _backend._why_unavailable = why_unavailable
-    return lambda: setattr(_backend, "_why_unavailable", real)
+    registry.why_unavailable = why_unavailable
+    return lambda: setattr(registry, "why_unavailable", real)
 
 
 def _shape_only_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):

@@ -4,21 +4,23 @@
 biased variance of each (b, c) plane and statistics in fp32 whatever the input dtype.
 
 Back-ends: ``reference`` (plain PyTorch, :func:`adain_reference`), ``cpu`` (csrc/adain_cpu.cpp),
-``triton`` (kernels below) and ``cuda`` (csrc/adain_cuda.cu). The fused ones run behind two torch
-custom ops, ``council_fast::adain_forward`` and ``council_fast::adain_backward``, with fake
-(meta) implementations and an autograd formula, so ``torch.compile(fullgraph=True)`` traces through.
-The forward saves the per-plane mean and rstd; the backward recomputes xhat (and the ReLU mask)
-from them instead of keeping the output.
+``triton`` (kernels below) and ``cuda`` (csrc/adain_cuda.cu). The fused ones run behind the op
+registry's ``council_fast::adain`` and ``council_fast::adain_backward`` (ops/registry.py: fake
+implementations, autograd, poisoned outputs in tests), so ``torch.compile(fullgraph=True)`` traces
+through. The forward saves the per-plane mean and rstd; the backward recomputes xhat (and the ReLU
+mask) from them instead of keeping the output.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ._backend import BackendUnavailable, load_extension, resolve_backend, triton_launch
+from . import extension
+from .registry import BackendUnavailable, FusedOp, triton_launch
 
 __all__ = ["adain", "adain_reference", "instance_norm", "instance_norm_reference", "TritonTuning",
            "TRITON_TUNING", "BackendUnavailable"]
@@ -35,8 +37,6 @@ class TritonTuning:
 TRITON_TUNING = TritonTuning()
 # The CUDA kernels split a plane over several blocks above this many elements.
 CUDA_SPLIT_THRESHOLD = 8192
-# Tests set this: fused outputs start as NaN, so an element a kernel forgets to write shows up.
-POISON_OUTPUTS = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,15 +79,14 @@ def adain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     "cpu", "triton" or "cuda". Inputs are used as NCHW-contiguous (channels_last is copied).
     """
     b, c = _check_inputs(x, weight, bias, residual)
-    name = _resolve(backend, x.device.type, x.device.index)
+    name = ADAIN.resolve(backend, x.device)
     if name == "reference":
         return adain_reference(x, weight, bias, residual, relu, eps)
     if residual is not None:
         residual = residual.to(x.dtype).contiguous()
     weight32 = weight.reshape(b, c).to(torch.float32).contiguous()
     bias32 = bias.reshape(b, c).to(torch.float32).contiguous()
-    y, _, _ = torch.ops.council_fast.adain_forward(x.contiguous(), weight32, bias32, residual,
-                                                   bool(relu), float(eps), name)
+    y, _, _ = ADAIN.forward(x.contiguous(), weight32, bias32, residual, bool(relu), float(eps), name)
     return y
 
 
@@ -95,18 +94,11 @@ def instance_norm(x: torch.Tensor, relu: bool = False, eps: float = 1e-5,
                   backend: Optional[str] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Instance norm (no affine), optionally with ReLU and a residual add: adain with weight 1 and bias 0."""
     _check_x(x)
-    name = _resolve(backend, x.device.type, x.device.index)
+    name = ADAIN.resolve(backend, x.device)
     if name == "reference":
         return instance_norm_reference(x, relu, eps, residual)
     ones = torch.ones(x.shape[:2], device=x.device, dtype=torch.float32)
     return adain(x, ones, torch.zeros_like(ones), residual=residual, relu=relu, eps=eps, backend=name)
-
-
-@torch.compiler.assume_constant_result
-def _resolve(backend: Optional[str], device_type: str, device_index: Optional[int]) -> str:
-    # Treated as a constant by torch.compile: the choice reads the environment and may build an
-    # extension, none of which belongs in a graph.
-    return resolve_backend(backend, torch.device(device_type, device_index))
 
 
 def _check_x(x: torch.Tensor) -> None:
@@ -134,52 +126,19 @@ def _check_inputs(x, weight, bias, residual) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops (what torch.compile and autograd see)
+# The registered op (ops/registry.py): outputs, autograd, C++ back-ends
 
 
-def _new_output(shape, dtype, device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+def _forward_outputs(alloc, x, weight, bias, residual, relu, eps):
+    """y (x's shape and dtype, contiguous) and the per-plane fp32 mean and rstd."""
+    return (alloc.new(x.shape, x.dtype, x.device), alloc.new(weight.shape, torch.float32, x.device),
+            alloc.new(weight.shape, torch.float32, x.device))
 
 
-@torch.library.custom_op("council_fast::adain_forward", mutates_args=())
-def _adain_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                      residual: Optional[torch.Tensor], relu: bool, eps: float,
-                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y = _new_output(x.shape, x.dtype, x.device)
-    mean = _new_output(weight.shape, torch.float32, x.device)
-    rstd = _new_output(weight.shape, torch.float32, x.device)
-    if x.numel() == 0:
-        return y, mean, rstd
-    _FORWARD[backend](x, weight, bias, residual, relu, eps, y, mean, rstd)
-    return y, mean, rstd
-
-
-@_adain_forward_op.register_fake
-def _adain_forward_fake(x, weight, bias, residual, relu, eps, backend):
-    stats = x.new_empty(weight.shape, dtype=torch.float32)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
-
-
-@torch.library.custom_op("council_fast::adain_backward", mutates_args=())
-def _adain_backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                       mean: torch.Tensor, rstd: torch.Tensor, relu: bool,
-                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_y = grad_y.to(x.dtype).contiguous()
-    dx = _new_output(x.shape, x.dtype, x.device)
-    dweight = _new_output(weight.shape, torch.float32, x.device)
-    dbias = _new_output(weight.shape, torch.float32, x.device)
-    if x.numel() == 0:
-        return dx, dweight, dbias
-    _BACKWARD[backend](grad_y, x, weight, bias, mean, rstd, relu, dx, dweight, dbias)
-    return dx, dweight, dbias
-
-
-@_adain_backward_op.register_fake
-def _adain_backward_fake(grad_y, x, weight, bias, mean, rstd, relu, backend):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight),
-            torch.empty_like(weight))
+def _backward_outputs(alloc, grad_y, x, weight, bias, mean, rstd, relu):
+    """dx (x's shape and dtype, contiguous), dweight and dbias (fp32, weight's shape)."""
+    return (alloc.new(x.shape, x.dtype, x.device), alloc.new(weight.shape, torch.float32, x.device),
+            alloc.new(weight.shape, torch.float32, x.device))
 
 
 def _setup_context(ctx, inputs, output):
@@ -192,38 +151,19 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = torch.ops.council_fast.adain_backward(grad_y, x, weight, bias, mean, rstd,
-                                                               ctx.relu, ctx.backend)
+    dx, dweight, dbias = ADAIN.backward(grad_y.to(x.dtype).contiguous(), x, weight, bias, mean, rstd, ctx.relu,
+                                        ctx.backend)
     dresidual = grad_y if ctx.has_residual else None
     return dx, dweight, dbias, dresidual, None, None, None
 
 
-_adain_forward_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ----------------------------------------------------------------------------------------------
-# C++ back-ends
-
-
-def _cpu_forward(x, weight, bias, residual, relu, eps, y, mean, rstd):
-    load_extension("cpu")
-    torch.ops.council_fast_cpu.adain_forward(x, weight, bias, residual, relu, eps, y, mean, rstd)
-
-
-def _cpu_backward(grad_y, x, weight, bias, mean, rstd, relu, dx, dweight, dbias):
-    load_extension("cpu")
-    torch.ops.council_fast_cpu.adain_backward(grad_y, x, weight, bias, mean, rstd, relu, dx, dweight, dbias)
-
-
-def _cuda_forward(x, weight, bias, residual, relu, eps, y, mean, rstd):
-    load_extension("cuda")
-    torch.ops.council_fast_cuda.adain_forward(x, weight, bias, residual, relu, eps, CUDA_SPLIT_THRESHOLD,
+def _kernel_forward(kind, x, weight, bias, residual, relu, eps, y, mean, rstd):
+    extension.kernels(kind).adain_forward_out(x, weight, bias, residual, relu, eps, CUDA_SPLIT_THRESHOLD,
                                               y, mean, rstd)
 
 
-def _cuda_backward(grad_y, x, weight, bias, mean, rstd, relu, dx, dweight, dbias):
-    load_extension("cuda")
-    torch.ops.council_fast_cuda.adain_backward(grad_y, x, weight, bias, mean, rstd, relu, CUDA_SPLIT_THRESHOLD,
+def _kernel_backward(kind, grad_y, x, weight, bias, mean, rstd, relu, dx, dweight, dbias):
+    extension.kernels(kind).adain_backward_out(grad_y, x, weight, bias, mean, rstd, relu, CUDA_SPLIT_THRESHOLD,
                                                dx, dweight, dbias)
 
 
@@ -415,6 +355,8 @@ def _split_launch(n: int, cfg: TritonTuning) -> tuple[int, int, int]:
 
 @triton_launch
 def _triton_forward(x, weight, bias, residual, relu, eps, y, mean, rstd):
+    if x.numel() == 0:
+        return
     p, n = weight.numel(), x.numel() // weight.numel()
     cfg = TRITON_TUNING
     res = residual if residual is not None else x  # never read without HAS_RES
@@ -434,6 +376,8 @@ def _triton_forward(x, weight, bias, residual, relu, eps, y, mean, rstd):
 
 @triton_launch
 def _triton_backward(grad_y, x, weight, bias, mean, rstd, relu, dx, dweight, dbias):
+    if x.numel() == 0:
+        return
     p, n = weight.numel(), x.numel() // weight.numel()
     cfg = TRITON_TUNING
     if n <= cfg.single_pass_max:
@@ -451,5 +395,15 @@ def _triton_backward(grad_y, x, weight, bias, mean, rstd, relu, dx, dweight, dbi
                                               num_warps=8)
 
 
-_FORWARD = {"cpu": _cpu_forward, "cuda": _cuda_forward, "triton": _triton_forward}
-_BACKWARD = {"cpu": _cpu_backward, "cuda": _cuda_backward, "triton": _triton_backward}
+
+ADAIN = FusedOp(
+    "adain", adain_reference,
+    schema="(Tensor x, Tensor weight, Tensor bias, Tensor? residual, bool relu, float eps) -> (Tensor, Tensor, Tensor)",
+    outputs=_forward_outputs,
+    backward_schema="(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor rstd, bool relu) "
+                    "-> (Tensor, Tensor, Tensor)",
+    backward_outputs=_backward_outputs)
+for _kind in ("cpu", "cuda"):
+    ADAIN.register(_kind, functools.partial(_kernel_forward, _kind), functools.partial(_kernel_backward, _kind))
+ADAIN.register("triton", _triton_forward, _triton_backward)
+ADAIN.autograd(_backward, _setup_context)

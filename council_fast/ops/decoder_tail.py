@@ -10,15 +10,19 @@ pixels per program (per thread on the CPU) before one final sum.
 
 Back-ends: ``reference`` (plain PyTorch, autograd by torch), ``cpu`` (csrc/decoder_tail_cpu.cpp),
 ``triton`` (below; CPU only under TRITON_INTERPRET=1) and ``cuda`` (csrc/decoder_tail_cuda.cu).
-The fused ones are torch custom operators (``council_fast::decoder_tail_fwd`` / ``_bwd``) with fake
-implementations and autograd, so ``torch.compile(fullgraph=True)`` traces through them.
+The fused ones run behind the op registry's ``council_fast::decoder_tail`` / ``decoder_tail_backward``
+(ops/registry.py: fake implementations, autograd, poisoned outputs in tests), so
+``torch.compile(fullgraph=True)`` traces through them.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
-from ._backend import BackendUnavailable, load_extension, resolve_backend, triton_interpreted, triton_launch
+from . import extension
+from .registry import BackendUnavailable, FusedOp, triton_interpreted, triton_launch
 
 __all__ = ["decoder_tail", "decoder_tail_reference"]
 
@@ -76,12 +80,6 @@ def _check_shapes(h, w1, b1, w2, b2, w3, b3, images, num_masks):
         raise ValueError(f"decoder_tail: num_masks must be >= 1, got {num_masks}")
 
 
-@torch.compiler.assume_constant_result
-def _resolve(backend, device_type, device_index, strict):
-    # A constant for torch.compile: the choice reads the environment and may build an extension.
-    return resolve_backend(backend, torch.device(device_type, device_index), strict)
-
-
 def _pixels_flat(t):
     """t with H and W merged into one stride (NCHW and NHWC both qualify)."""
     if t.stride(2) != t.shape[3] * t.stride(3) and t.shape[2] > 1:
@@ -93,57 +91,32 @@ def decoder_tail(h, w1, b1, w2, b2, w3, b3, images, num_masks, backend=None, str
     """Fused 1x1 convs + tanh + mask blend: returns (out (B, O, H, W), masks (B, M, H, W))."""
     w1, w2, w3 = _as_matrix(w1, "w1"), _as_matrix(w2, "w2"), _as_matrix(w3, "w3")
     _check_shapes(h, w1, b1, w2, b2, w3, b3, images, num_masks)
-    backend = _resolve(backend, h.device.type, h.device.index, strict)
+    backend = DECODER_TAIL.resolve(backend, h.device, strict)
     if backend == "reference":
         return decoder_tail_reference(h, w1, b1, w2, b2, w3, b3, images, num_masks)
-    return torch.ops.council_fast.decoder_tail_fwd(_pixels_flat(h), w1, b1.contiguous(), w2, b2.contiguous(),
-                                                   w3, b3.contiguous(), _pixels_flat(images), num_masks, backend)
+    return DECODER_TAIL.forward(_pixels_flat(h), w1, b1.contiguous(), w2, b2.contiguous(), w3, b3.contiguous(),
+                                _pixels_flat(images), num_masks, backend)
 
 
 # --------------------------------------------------------------------------------------------
-# Custom operators: one entry point for every fused back-end.
+# The registered op (ops/registry.py): outputs, autograd, C++ back-ends
 
-@torch.library.custom_op("council_fast::decoder_tail_fwd", mutates_args=())
-def _decoder_tail_fwd(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                      w3: torch.Tensor, b3: torch.Tensor, images: torch.Tensor, num_masks: int,
-                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+# Pixels per chunk of the CUDA backward: its fp32 buffers hold 5 dim + raw channels values per pixel of
+# a chunk (at dim 64 and 12 raw channels, 256 Ki pixels: 348 MB). Batch 32 at 256x256 takes 8 chunks.
+# The CPU backward ignores it (one pass, per-thread sums).
+CUDA_BACKWARD_CHUNK = 1 << 18
+
+
+def _forward_outputs(alloc, h, w1, b1, w2, b2, w3, b3, images, num_masks):
+    """out (B, O, H, W) and masks (B, M, H, W), contiguous, h's dtype."""
     batch, _, height, width = h.shape
-    out = _new_output((batch, images.shape[1], height, width), h)
-    masks = _new_output((batch, num_masks, height, width), h)
-    if backend == "triton":
-        _triton_forward(h, w1, b1, w2, b2, w3, b3, images, num_masks, out, masks)
-    else:
-        _extension_ops(backend).decoder_tail_forward(h, w1, b1, w2, b2, w3, b3, images, num_masks, out, masks)
-    return out, masks
+    return (alloc.new((batch, images.shape[1], height, width), h.dtype, h.device),
+            alloc.new((batch, num_masks, height, width), h.dtype, h.device))
 
 
-@_decoder_tail_fwd.register_fake
-def _(h, w1, b1, w2, b2, w3, b3, images, num_masks, backend):
-    b, _, hh, ww = h.shape
-    out = h.new_empty((b, images.shape[1], hh, ww))
-    return out, h.new_empty((b, num_masks, hh, ww))
-
-
-@torch.library.custom_op("council_fast::decoder_tail_bwd", mutates_args=())
-def _decoder_tail_bwd(grad_out: torch.Tensor, grad_masks: torch.Tensor | None, h: torch.Tensor, w1: torch.Tensor,
-                      b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor,
-                      images: torch.Tensor, num_masks: int, backend: str) -> list[torch.Tensor]:
-    grad_out = grad_out.contiguous()
-    grad_masks = None if grad_masks is None else grad_masks.contiguous()
-    grad_h, grad_img = _new_output_like(h), _new_output_like(images)
-    if backend == "triton":
-        weights = _triton_backward(grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3, images, num_masks,
-                                   grad_h, grad_img)
-    else:
-        chunk = [CUDA_BACKWARD_CHUNK] if backend == "cuda" else []  # the CUDA op works through pixel chunks
-        weights = _extension_ops(backend).decoder_tail_backward(grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3,
-                                                                images, num_masks, *chunk, grad_h, grad_img)
-    return [grad_h, *weights, grad_img]
-
-
-@_decoder_tail_bwd.register_fake
-def _(grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3, images, num_masks, backend):
-    return [torch.empty_like(t) for t in (h, w1, b1, w2, b2, w3, b3, images)]
+def _backward_outputs(alloc, grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3, images, num_masks):
+    """The gradients of h, w1, b1, w2, b2, w3, b3 and images, each like its input (memory format too)."""
+    return [alloc.like(t) for t in (h, w1, b1, w2, b2, w3, b3, images)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -156,37 +129,22 @@ def _backward(ctx, grad_out, grad_masks):
     h, w1, b1, w2, b2, w3, b3, images = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros((h.shape[0], images.shape[1], *h.shape[2:]), dtype=h.dtype, device=h.device)
-    grads = torch.ops.council_fast.decoder_tail_bwd(grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3, images,
-                                                    ctx.num_masks, ctx.backend)
+    grad_masks = None if grad_masks is None else grad_masks.contiguous()
+    grads = DECODER_TAIL.backward(grad_out.contiguous(), grad_masks, h, w1, b1, w2, b2, w3, b3, images,
+                                  ctx.num_masks, ctx.backend)
     return (*grads, None, None)
 
 
-_decoder_tail_fwd.register_autograd(_backward, setup_context=_setup_context)
+def _kernel_forward(kind, h, w1, b1, w2, b2, w3, b3, images, num_masks, out, masks):
+    extension.kernels(kind).decoder_tail_forward_out(h, w1, b1, w2, b2, w3, b3, images, num_masks, out, masks)
 
 
-# Tests set this: fused outputs start as NaN, so an element a kernel forgets to write shows up.
-POISON_OUTPUTS = False
-# Pixels per chunk of the CUDA backward: its fp32 buffers hold 5 dim + raw channels values per pixel of
-# a chunk (at dim 64 and 12 raw channels, 256 Ki pixels: 348 MB). Batch 32 at 256x256 takes 8 chunks.
-CUDA_BACKWARD_CHUNK = 1 << 18
-
-
-def _new_output(shape, like):
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
-
-
-def _new_output_like(t):
-    out = torch.empty_like(t)  # keeps NCHW / channels_last
-    return out.fill_(float("nan")) if POISON_OUTPUTS else out
-
-
-def _extension_ops(backend):
-    if backend not in ("cpu", "cuda"):
-        raise ValueError(f"decoder_tail: unknown fused back-end {backend!r}")
-    load_extension(backend)
-    return getattr(torch.ops, f"council_fast_{backend}")
+def _kernel_backward(kind, grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3, images, num_masks, grad_h, *grads):
+    *weight_grads, grad_img = grads
+    computed = extension.kernels(kind).decoder_tail_backward_out(
+        grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3, images, num_masks, CUDA_BACKWARD_CHUNK, grad_h, grad_img)
+    for out, value in zip(weight_grads, computed):
+        out.copy_(value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,7 +365,8 @@ def _triton_forward(h, w1, b1, w2, b2, w3, b3, images, num_masks, out, masks):
 
 
 @triton_launch
-def _triton_backward(grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3, images, num_masks, grad_h, grad_img):
+def _triton_backward(grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3, images, num_masks, grad_h, *grads):
+    *weight_grads, grad_img = grads
     batch, dim, height, width = h.shape
     hw = height * width
     n_raw = w3.shape[0]
@@ -429,4 +388,19 @@ def _triton_backward(grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3, images, nu
     except OutOfResources as e:  # e.g. fp32 on sm_86/89: see _backward_block_p
         raise BackendUnavailable(f"decoder_tail triton backward ({h.dtype}, dim {dim}) does not fit this GPU ({e}); "
                                  "use the cuda back-end or bf16") from e
-    return [part.sum(0).to(ref.dtype) for part, ref in zip(partials, (w1, b1, w2, b2, w3, b3))]
+    for out, part in zip(weight_grads, partials):
+        out.copy_(part.sum(0))
+
+
+DECODER_TAIL = FusedOp(
+    "decoder_tail", decoder_tail_reference,
+    schema="(Tensor h, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3, Tensor images, "
+           "int num_masks) -> (Tensor, Tensor)",
+    outputs=_forward_outputs,
+    backward_schema="(Tensor grad_out, Tensor? grad_masks, Tensor h, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
+                    "Tensor w3, Tensor b3, Tensor images, int num_masks) -> Tensor[]",
+    backward_outputs=_backward_outputs)
+for _kind in ("cpu", "cuda"):
+    DECODER_TAIL.register(_kind, functools.partial(_kernel_forward, _kind), functools.partial(_kernel_backward, _kind))
+DECODER_TAIL.register("triton", _triton_forward, _triton_backward)
+DECODER_TAIL.autograd(_backward, _setup_context)

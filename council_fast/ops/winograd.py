@@ -27,7 +27,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._backend import load_extension
+from . import extension
+from .registry import FusedOp
 
 __all__ = ["conv3x3", "conv3x3_reference", "clear_cache", "winograd_applies", "transform_weight", "WINOGRAD_MIN_CHANNELS",
            "MAX_TILES_PER_CHUNK"]
@@ -40,8 +41,6 @@ WINOGRAD_MIN_CHANNELS = 128
 MAX_TILES_PER_CHUNK = 1024
 # Register tile of the GEMM kernel (csrc/winograd_cpu.cpp): output channels x tiles.
 GEMM_ROWS, GEMM_COLUMNS = 8, 32
-# Tests set this: outputs start as NaN, so an element the kernels forget to write shows up.
-POISON_OUTPUTS = False
 
 _F = 1.0 / 3.0
 # Rows of B^T / A^T / G for the points (0, -1, 1, 1/2, -2, infinity); tests check the identity in float64.
@@ -74,9 +73,8 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
     if not winograd_applies(x, weight) or (bias is not None and (bias.device.type != "cpu"
                                                                    or tuple(bias.shape) != (weight.shape[0],))):
         return conv3x3_reference(x, weight, bias)  # which also raises the errors of bad operands
-    load_extension("cpu")
     transformed = transform_weight(weight) if torch.compiler.is_compiling() else _cached_transform(weight)
-    return torch.ops.council_fast.conv3x3_winograd(x.contiguous(), weight, bias, transformed)
+    return CONV3X3_WINOGRAD.forward(x.contiguous(), weight, bias, transformed, "cpu")
 
 
 def transform_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -123,21 +121,20 @@ def clear_cache() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom op (what torch.compile and autograd see)
+# The registered op (ops/registry.py): cpu back-end only; its backward is the exact convolution's
 
 
 def _tiles(size: int) -> int:
     return (size + 3) // 4
 
 
-@torch.library.custom_op("council_fast::conv3x3_winograd", mutates_args=())
-def _conv3x3_winograd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         transformed: torch.Tensor) -> torch.Tensor:
+def _outputs(alloc, x, weight, bias, transformed):
+    return alloc.new((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]), x.dtype, x.device)
+
+
+def _cpu_forward(x, weight, bias, transformed, y):
+    kernels = extension.kernels("cpu")
     batch, _, height, width = x.shape
-    c_out = weight.shape[0]
-    y = torch.empty((batch, c_out, height, width), dtype=x.dtype)
-    if POISON_OUTPUTS:
-        y.fill_(float("nan"))
     bias32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
     per_sample = _tiles(height) * _tiles(width)
     step = max(1, MAX_TILES_PER_CHUNK // per_sample)
@@ -147,19 +144,13 @@ def _conv3x3_winograd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         columns = _round_up(chunk.shape[0] * per_sample, GEMM_COLUMNS)  # the padding columns are never read
         v = _scratch("v", 36 * x.shape[1] * columns).view(36, x.shape[1], columns)
         m = _scratch("m", 36 * rows * columns).view(36, rows, columns)
-        torch.ops.council_fast_cpu.winograd_input_transform(chunk, v)
-        torch.ops.council_fast_cpu.winograd_gemm(transformed, v, m)
-        torch.ops.council_fast_cpu.winograd_output_transform(m, bias32, y[start:start + step])
-    return y
-
-
-@_conv3x3_winograd_op.register_fake
-def _conv3x3_winograd_fake(x, weight, bias, transformed):
-    return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
+        kernels.winograd_input_transform(chunk, v)
+        kernels.winograd_gemm(transformed, v, m)
+        kernels.winograd_output_transform(m, bias32, y[start:start + step])
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, _ = inputs
+    x, weight, bias, _, _ = inputs
     ctx.save_for_backward(x, weight)
     ctx.has_bias = bias is not None
 
@@ -170,10 +161,15 @@ def _backward(ctx, grad_y):
     dx, dw, db = torch.ops.aten.convolution_backward(
         grad_y.contiguous(), x, weight, [weight.shape[0]] if ctx.has_bias else None,
         [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
-    return dx, dw, db if ctx.has_bias else None, None
+    return dx, dw, db if ctx.has_bias else None, None, None
 
 
-_conv3x3_winograd_op.register_autograd(_backward, setup_context=_setup_context)
+CONV3X3_WINOGRAD = FusedOp(
+    "conv3x3_winograd", conv3x3_reference,
+    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor transformed) -> Tensor",
+    outputs=_outputs)
+CONV3X3_WINOGRAD.register("cpu", _cpu_forward)
+CONV3X3_WINOGRAD.autograd(_backward, _setup_context)
 
 
 _scratch_buffers = threading.local()

@@ -1,82 +1,50 @@
-"""Choosing and loading kernel implementations.
-
-Back-ends: ``reference`` (plain PyTorch, any device), ``cpu`` (C++ extension, CPU tensors),
-``triton`` (GPU; on the CPU only under TRITON_INTERPRET=1, which is how CI tests it) and ``cuda``
-(C++/CUDA extension). Pick one by argument or COUNCIL_FAST_BACKEND; ``auto`` (the default) takes
-the fastest available for the device and falls back with one warning, unless strict mode
-(argument or COUNCIL_FAST_STRICT=1) asks for an error instead. An explicitly named back-end that
-cannot run is always an error.
+"""The C++ extensions: a cached JIT build of csrc/ (one CPU and one CUDA module).
 
 The C++ sources in csrc/ are JIT-built once per source hash and cached (torch's extension
 tooling with ninja; TORCH_EXTENSIONS_DIR moves the cache). Every ``*_cpu.cpp`` goes into the CPU
-extension and every ``*_cuda.cu`` / ``*_cuda.cpp`` into the CUDA one, each beside
-``csrc/module.cpp``. Kernels register themselves with ``TORCH_LIBRARY_FRAGMENT(council_fast_cpu, m)``
-or ``(council_fast_cuda, m)`` and are then called as ``torch.ops.council_fast_cpu.<name>``.
+extension, with ``csrc/schemas.cpp``, and every ``*_cuda.cu`` / ``*_cuda.cpp`` into the CUDA one,
+each beside ``csrc/module.cpp``.
+
+Every kernel has one schema, defined once in csrc/schemas.cpp (``TORCH_LIBRARY(council_fast, m)``),
+and two implementations, ``TORCH_LIBRARY_IMPL(council_fast, CPU, m)`` in the CPU module and
+``(council_fast, CUDA, m)`` in the CUDA one; the dispatcher picks by the tensors' device. A
+namespace may be defined by one library only, so the schemas live in exactly one module: the CPU
+one, which every machine can build and which the CUDA module therefore loads first. (Defining them
+from Python instead would leave the C++ files without their schemas; compiling the definitions into
+both modules would register every op twice.) :func:`kernels` returns the namespace to call them
+through; tests/_cuda_emulator.py points the ``cuda`` entry of :data:`NAMESPACES` at its own copy.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import glob
 import hashlib
+import importlib
 import os
+import platform
 import socket
 import sys
 import threading
 import time
-import warnings
 
 import torch
 
 from .build_progress import announced_build
 
-__all__ = ["BACKENDS", "BackendUnavailable", "resolve_backend", "load_extension", "cached_build", "triton_available",
-           "triton_interpreted", "strict_mode", "csrc_dir", "wait_for_build_lock", "build_lock"]
+__all__ = ["BackendUnavailable", "load_extension", "kernels", "cached_build", "csrc_dir", "wait_for_build_lock",
+           "build_lock", "CUDA_FLAGS", "NAMESPACES"]
 
-BACKENDS = ("reference", "cpu", "triton", "cuda")
 # No --use_fast_math: it turns tanhf into tanh.approx.f32 (~5e-4 relative error), far outside the
 # decoder tail's fp32 tolerance.
 CUDA_FLAGS = ["-O3", "-std=c++17"]
-_lock = threading.Lock()
-_warned: set[str] = set()
+_lock = threading.RLock()  # re-entered: the CUDA module loads the CPU one first
+# The torch.ops namespace each extension's kernels are called through.
+NAMESPACES = {"cpu": "council_fast", "cuda": "council_fast"}
 
 
 class BackendUnavailable(RuntimeError):
     """The requested kernel back-end cannot run here; the message says why."""
-
-
-def strict_mode(strict: bool | None = None) -> bool:
-    if strict is not None:
-        return bool(strict)
-    return os.environ.get("COUNCIL_FAST_STRICT", "0").lower() in ("1", "true", "yes")
-
-
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
-        return f"triton cannot be imported ({e})"
-    return None
-
-
-def triton_available(device: torch.device | str) -> str | None:
-    """None when Triton kernels can run on ``device``, else the reason they cannot."""
-    err = _triton_import_error()
-    if err:
-        return err
-    device = torch.device(device)
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu" and triton_interpreted():
-        return None
-    return f"triton runs on CUDA devices (or on the CPU with TRITON_INTERPRET=1), not on {device.type}"
 
 
 def csrc_dir() -> str:
@@ -94,7 +62,8 @@ def _sources(kind: str) -> list[str]:
     files = sorted(f for p in patterns for f in glob.glob(os.path.join(root, p)))
     if not files:
         raise BackendUnavailable(f"no {kind} kernel sources in {root}")
-    return [os.path.join(root, "module.cpp")] + files
+    schemas = [os.path.join(root, "schemas.cpp")] if kind == "cpu" else []
+    return [os.path.join(root, "module.cpp")] + schemas + files
 
 
 _ext_cache: dict[str, object] = {}
@@ -122,11 +91,21 @@ def load_extension(kind: str, verbose: bool = False):
         return module
 
 
+def kernels(kind: str):
+    """``torch.ops.<namespace>`` of the ``cpu`` or ``cuda`` kernels, their extension loaded."""
+    load_extension(kind)
+    return getattr(torch.ops, NAMESPACES[kind])
+
+
 def _build(kind: str, verbose: bool):
     if kind == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailable("the cuda back-end needs a CUDA device")
+    if kind == "cuda":
+        try:
+            load_extension("cpu", verbose)  # it defines the schemas the CUDA kernels implement
+        except BackendUnavailable as e:
+            raise BackendUnavailable(f"the cuda extension needs the cpu one (it defines the op schemas): {e}") from e
     try:
-        import importlib
         prebuilt = importlib.import_module(f"council_fast._C_{kind}")  # built by setup.py, if it was
         return prebuilt
     except ImportError:
@@ -262,7 +241,6 @@ def cached_build(kind: str) -> str | None:
 
 
 def _cpu_flags() -> str:
-    import platform
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -273,64 +251,3 @@ def _cpu_flags() -> str:
     return platform.machine() + platform.processor()
 
 
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def _why_unavailable(backend: str, device: torch.device) -> str | None:
-    if backend == "reference":
-        return None
-    if backend == "triton":
-        return triton_available(device)
-    if backend == "cpu":
-        if device.type != "cpu":
-            return f"the cpu back-end runs on CPU tensors, not on {device.type}"
-    if backend == "cuda" and device.type != "cuda":
-        return f"the cuda back-end runs on CUDA tensors, not on {device.type}"
-    try:
-        load_extension(backend)
-    except BackendUnavailable as e:
-        return str(e)
-    return None
-
-
-def resolve_backend(requested: str | None = None, device: torch.device | str = "cpu",
-                    strict: bool | None = None) -> str:
-    """The back-end to use on ``device``: explicit > COUNCIL_FAST_BACKEND > automatic choice."""
-    device = torch.device(device)
-    requested = (requested or os.environ.get("COUNCIL_FAST_BACKEND") or "auto").lower()
-    if requested != "auto":
-        if requested not in BACKENDS:
-            raise ValueError(f"unknown back-end {requested!r}; choose one of auto, {', '.join(BACKENDS)}")
-        reason = _why_unavailable(requested, device)
-        if reason:
-            raise BackendUnavailable(f"back-end {requested!r} is unavailable: {reason}")
-        return requested
-    preferred = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
-    reasons = []
-    for candidate in preferred:
-        reason = _why_unavailable(candidate, device)
-        if reason is None:
-            return candidate
-        reasons.append(f"{candidate}: {reason}")
-    message = (f"council-fast: no fused back-end for {device.type} ({'; '.join(reasons)}); "
-               "falling back to the reference back-end")
-    if strict_mode(strict):
-        raise BackendUnavailable(message)
-    _warn_once(message)
-    return "reference"
-
-
-def triton_launch(fn):
-    """Runs a Triton launcher with the CUDA device of its first tensor argument made current.
-
-    Triton launches on the current device's current stream; for tensors on another GPU (cuda:1 while
-    cuda:0 is current) that would be the wrong device.
-    """
-    @functools.wraps(fn)
-    def wrapper(first, *args, **kwargs):
-        with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
-            return fn(first, *args, **kwargs)
-    return wrapper
