@@ -34,7 +34,7 @@ __all__ = [
     "FULL_STATE_KEYS", "load_file", "check_state_dict", "official_member_paths", "save_official",
     "load_generator_states", "save_full_state", "load_full_state", "full_state_path",
     "write_latest", "latest_full_state_path", "verify_archive", "check_resumable", "load_resume_state",
-    "complete_iterations",
+    "complete_iterations", "generator_sizes", "describe_generator",
 ]
 
 DIRECTIONS = ("a2b", "b2a")
@@ -496,3 +496,44 @@ def _follow_latest(checkpoint_dir: str, pointer: str) -> str:
     if not os.path.isfile(path):
         raise CheckpointError(f"{pointer}: names {name!r}, which does not exist")
     return path
+
+
+# --------------------------------------------------------------------------- what a checkpoint was trained with
+
+_RES_BLOCK = re.compile(r"^enc_content\.model\.(\d+)\.model\.(\d+)\.model\.0\.conv\.weight$")
+_DOWN = re.compile(r"^enc_content\.model\.(\d+)\.conv\.weight$")
+
+
+def generator_sizes(state_dict: Mapping) -> dict[str, int]:
+    """The ``gen`` config values an official-layout generator state dict was built with, as far as its
+    shapes tell: dim, n_downsample, n_res, style_dim, mlp_dim, num_of_mask_dim_to_add (missing when unknown)."""
+    shapes = {k: _shape(v) for k, v in state_dict.items()} if isinstance(state_dict, Mapping) else {}
+    sizes: dict[str, int] = {}
+    first = shapes.get("enc_content.model.0.conv.weight")
+    if first:
+        sizes["dim"] = first[0]
+    downs = [int(m.group(1)) for k in shapes if (m := _DOWN.match(k))]
+    if downs:
+        sizes["n_downsample"] = max(downs)
+    blocks = {int(m.group(2)) for k in shapes if (m := _RES_BLOCK.match(k))}
+    sizes["n_res"] = len(blocks)
+    mlp_in = shapes.get("mlp.model.0.fc.weight")
+    if mlp_in:
+        sizes["mlp_dim"], sizes["style_dim"] = mlp_in
+    tails = sorted((int(k.split(".")[2]), v) for k, v in shapes.items()
+                   if k.startswith("dec.model.") and k.endswith(".conv.weight") and k.count(".") == 4 and v)
+    if tails and tails[-1][1][0] % 4 == 0:
+        sizes["num_of_mask_dim_to_add"] = tails[-1][1][0] // 4
+    return sizes
+
+
+def describe_generator(state_dict: Mapping, members: int | None = None) -> str:
+    """'dim 8, mlp_dim 16, style_dim 8, n_downsample 2, n_res 1, 3 masks[, 3 members]' for messages."""
+    sizes = generator_sizes(state_dict)
+    names = ("dim", "mlp_dim", "style_dim", "n_downsample", "n_res")
+    parts = [f"{k} {sizes[k]}" for k in names if k in sizes]
+    if "num_of_mask_dim_to_add" in sizes:
+        parts.append(f"{sizes['num_of_mask_dim_to_add']} masks")
+    if members is not None:
+        parts.append(f"{members} member{'s' if members != 1 else ''}")
+    return ", ".join(parts) or "an unknown generator layout"

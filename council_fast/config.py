@@ -18,9 +18,10 @@ from typing import Any
 import yaml
 
 __all__ = ["ConfigError", "load_config", "packaged_config", "default_config", "validate_config",
-           "parse_fraction", "finish_config", "PACKAGED_CONFIGS", "MAX_CONFIG_BYTES"]
+           "parse_fraction", "finish_config", "PACKAGED_CONFIGS", "MAX_CONFIG_BYTES", "ignored_official_keys",
+           "official_keys_notice"]
 
-PACKAGED_CONFIGS = ("selfie2anime", "tiny")
+PACKAGED_CONFIGS = ("selfie2anime", "tiny", "demo")
 
 # Integer-valued keys (sizes, counts, iterations). Every other numeric key accepts int or float.
 _INT_KEYS = {
@@ -108,7 +109,7 @@ _DEFAULTS = default_config()
 
 
 def packaged_config(name: str) -> dict:
-    """A config shipped with council-fast ('selfie2anime' or 'tiny'), validated and filled."""
+    """A config shipped with council-fast ('selfie2anime', 'tiny' or 'demo'), validated and filled."""
     if name not in PACKAGED_CONFIGS:
         raise ConfigError(f"no packaged config {name!r}; packaged: {', '.join(PACKAGED_CONFIGS)}")
     return _finish(yaml.safe_load(_read_packaged(name)), f"<packaged {name}>")
@@ -126,12 +127,19 @@ def load_config(path: str | os.PathLike) -> dict:
     return _finish(raw, path)
 
 
+def _packaged_hint(path: str) -> str:
+    """For a bare name (no folder, no .yaml): the packaged configs it could have meant."""
+    if os.path.dirname(path) or path.lower().endswith((".yaml", ".yml")):
+        return ""
+    return f" and no packaged config of that name (packaged: {', '.join(PACKAGED_CONFIGS)})"
+
+
 def _read_text(path: str) -> str:
     """The file's text: a regular file of at most MAX_CONFIG_BYTES of UTF-8, else a ConfigError."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block us
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raise ConfigError(f"{path}: config file not found" + _packaged_hint(path)) from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot open config file ({e.strerror})") from None
     with os.fdopen(fd, "rb") as f:
@@ -273,6 +281,31 @@ def validate_config(config: dict, source: str = "<config>") -> None:
                               f"2**gen.n_downsample = {factor} so the decoder restores the input size")
     if config["gen"]["dim"] * factor // factor != config["gen"]["dim"]:
         raise ConfigError(f"{source}: key 'gen.dim' is invalid")
+
+
+# Switches the official trainer acts on that council-fast loads but does not act on: key -> what it does there
+# and what to use here instead. TODO(issue 15): map misc.do_test_Fid to `train --eval-every` once it exists.
+_IGNORED_OFFICIAL_SWITCHES = {
+    "misc.do_test_Fid": "FID on the test set every misc.test_Fid_iter iterations: not computed during training",
+    "misc.start_tensor_board": "TensorBoard logging: the losses show in the progress bar instead",
+    "misc.do_telegram_report": "Telegram progress reports: not sent",
+    "misc.do_telegram_send_config_file": "the config file sent by Telegram: not sent",
+}
+
+
+def ignored_official_keys(config: dict) -> list[str]:
+    """The official switches that are on in ``config`` but have no effect in council-fast, each with what
+    the official trainer does with it (``"key: explanation"``)."""
+    return [f"{key} ({what})" for key, what in _IGNORED_OFFICIAL_SWITCHES.items() if _get(config, key) is True]
+
+
+def official_keys_notice(config: dict, source: str = "<config>") -> str | None:
+    """One line naming the official switches that are on but ignored here; None when there are none."""
+    ignored = ignored_official_keys(config)
+    if not ignored:
+        return None
+    return (f"note: {source}: these official config switches are on but council-fast ignores them: "
+            + "; ".join(ignored))
 
 
 def _check_finite(node: dict, source: str, prefix: str) -> None:

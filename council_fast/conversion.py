@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .facecrop import crop_face
 from .fileio import file_kind, is_regular_file
-from .images import IMAGE_EXTENSIONS, ImageReadError, open_rgb, save_grid, save_image
+from .images import IMAGE_EXTENSIONS, ImageReadError, open_rgb, save_image, save_labelled_sheet
 from .inference import ConvertError, Converter, draw_plan, image_tensor
 
 __all__ = ["InputItem", "ConversionReport", "find_inputs", "plan_outputs", "output_name", "convert_paths",
@@ -168,11 +168,12 @@ class ConversionReport:
         return line
 
 
-def _load_tensor(item: InputItem, size: int, input_dim: int, face_crop: float | None = None) -> torch.Tensor:
+def _load_tensor(item: InputItem, size: int, input_dim: int, face_crop: float | None = None,
+                 fit: str = "crop") -> torch.Tensor:
     image = open_rgb(item.path)
     if face_crop is not None:  # the largest face, framed as the selfie2anime training faces (margin face_crop)
         image = crop_face(image, face_crop).image
-    return image_tensor(image, size, input_dim)
+    return image_tensor(image, size, input_dim, fit)
 
 
 def _guarded(load: Callable, item: InputItem):
@@ -300,7 +301,8 @@ def _step_with_backoff(step: "_BatchStep", batch_items, plans, bar) -> None:
 def convert_paths(items: Sequence[InputItem], converter: Converter, output_dir: str, *, size: int,
                   member_mode: str = "all", styles: int = 1, seed: int = 0, batch: int = 8, workers: int = 2,
                   save_masks: bool = False, grid: bool = False, input_dim: int = 3,
-                  progress: bool = True, face_crop: float | None = None) -> ConversionReport:
+                  progress: bool = True, face_crop: float | None = None,
+                  fit: str = "crop") -> ConversionReport:
     """Convert ``items`` (from find_inputs) into ``output_dir``; never raises for a bad input file.
 
     ``member_mode``: 'all' (every generator of the converter translates every input) or 'random'
@@ -318,7 +320,7 @@ def convert_paths(items: Sequence[InputItem], converter: Converter, output_dir: 
     step = _BatchStep(converter, output_dir, batch, save_masks, writer, grid)
     bar = _progress_bar(len(items), progress)
     start = time.perf_counter()
-    stream = _prefetch(items, lambda it: _load_tensor(it, size, input_dim, face_crop), workers,
+    stream = _prefetch(items, lambda it: _load_tensor(it, size, input_dim, face_crop, fit), workers,
                        lookahead=2 * batch + workers)
     try:
         for batch_items in _batches(stream, batch, report, bar):
@@ -333,8 +335,8 @@ def convert_paths(items: Sequence[InputItem], converter: Converter, output_dir: 
     report.converted = report.total - len({path for path, _ in report.failed})
     report.outputs = list(dict.fromkeys(writer.written))  # a batch retried after running out of memory
     if grid and step.grid_rows:
-        report.grid = _write_grid([step.grid_rows[item.rel] for item in items if item.rel in step.grid_rows],
-                                  output_dir, items)
+        report.grid = _write_grid([(item.rel, step.grid_rows[item.rel]) for item in items
+                                   if item.rel in step.grid_rows], output_dir, items)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -346,7 +348,7 @@ class _BatchStep:
                  grid: bool):
         self.converter, self.output_dir, self.batch = converter, output_dir, batch
         self.save_masks, self.writer = save_masks, writer
-        self.grid_rows: dict[str, list[torch.Tensor]] | None = {} if grid else None  # rel -> cells
+        self.grid_rows: dict[str, list[tuple[str, torch.Tensor]]] | None = {} if grid else None  # rel -> cells
 
     def __call__(self, batch_items, plans) -> None:
         x = torch.stack([t for _, t in batch_items])
@@ -354,7 +356,7 @@ class _BatchStep:
             x = x.pin_memory().to(self.converter.device, non_blocking=True)
         if self.grid_rows is not None:
             for item, t in batch_items:
-                self.grid_rows[item.rel] = [_to_grid_cell(t)]
+                self.grid_rows[item.rel] = [("input", _to_grid_cell(t))]
         for member in sorted({m for chosen, _ in plans for m in chosen}):
             idx = [i for i, (chosen, _) in enumerate(plans) if member in chosen]
             self._member(member, [batch_items[i][0] for i in idx], [plans[i][1] for i in idx], x[idx])
@@ -370,16 +372,23 @@ class _BatchStep:
             self.writer.submit(item.path, mask * 2 - 1,
                                os.path.join(self.output_dir, output_name(item.rel, member, style, mask=True)))
         if self.grid_rows is not None:
-            self.grid_rows[item.rel].append(_to_grid_cell(out))
+            self.grid_rows[item.rel].append((f"member {member}\nstyle {style}", _to_grid_cell(out)))
 
 
-def _write_grid(rows: list[list[torch.Tensor]], output_dir: str, items: Sequence[InputItem]) -> str:
+def _write_grid(rows: list[tuple[str, list[tuple[str, torch.Tensor]]]], output_dir: str,
+                items: Sequence[InputItem]) -> str:
+    """The labelled contact sheet: a row per input (its name on the left), the input then its translations;
+    column headers when every row holds the same members and styles, else a caption under each tile."""
     inputs = {os.path.normcase(os.path.abspath(item.path)) for item in items}
     stem, path, n = os.path.splitext(GRID_NAME)[0], os.path.join(output_dir, GRID_NAME), 1
     while os.path.normcase(os.path.abspath(path)) in inputs:
         n += 1
         path = os.path.join(output_dir, f"{stem}_{n}.png")
-    save_grid([[cell.float() / 127.5 - 1 for cell in row] for row in rows], path)
+    labels = [[label for label, _ in cells] for _, cells in rows]
+    same = all(row == labels[0] for row in labels)
+    save_labelled_sheet([[cell.float() / 127.5 - 1 for _, cell in cells] for _, cells in rows], path,
+                        row_labels=[rel for rel, _ in rows], col_labels=labels[0] if same else None,
+                        cell_labels=None if same else labels)
     return path
 
 

@@ -32,7 +32,7 @@ from PIL import Image
 from .images import IMAGE_EXTENSIONS, ImageReadError, center_crop, open_rgb, pil_to_tensor, resize_shorter
 
 __all__ = ["DataError", "DOMAIN_FOLDERS", "list_images", "TrainTransform", "TrainPairLoader",
-           "load_test_images", "make_synthetic_dataset"]
+           "load_test_images", "make_synthetic_dataset", "make_shapes_dataset", "SHAPES_B_TO_A"]
 
 DOMAIN_FOLDERS = {"A": "trainA", "B": "trainB"}
 TEST_FOLDERS = {"A": "testA", "B": "testB"}
@@ -260,9 +260,65 @@ def make_synthetic_dataset(root: str | os.PathLike, n_train: int = 24, n_test: i
 
     Domain A looks like soft photos of round faces, domain B like flat-shaded, outlined anime faces.
     """
+    return _write_domains(root, {"A": _photo, "B": _anime}, n_train, n_test, size, seed)
+
+
+# --------------------------------------------------------------------------- the demo's shapes set
+
+SHAPES_B_TO_A = ("B: cool-coloured shapes (blue, teal, violet) -> A: the same kinds of shapes in warm colours "
+                 "(red, orange, yellow), on the same light background")
+_SHAPE_KINDS = ("circle", "square", "triangle")
+_COOL = np.array([[0.15, 0.35, 0.85], [0.1, 0.65, 0.7], [0.45, 0.3, 0.8]])
+_WARM = np.array([[0.9, 0.2, 0.15], [0.95, 0.55, 0.1], [0.95, 0.85, 0.2]])
+
+
+def _shape_mask(kind: str, x: np.ndarray, y: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
+    """A filled circle, axis-aligned square or upright triangle of 'radius' r centred at (cx, cy)."""
+    if kind == "circle":
+        return (x - cx) ** 2 + (y - cy) ** 2 <= r * r
+    if kind == "square":
+        return (np.abs(x - cx) <= r * 0.85) & (np.abs(y - cy) <= r * 0.85)
+    top, bottom = cy - r, cy + r * 0.8  # apex at the top, base at the bottom
+    half_width = (y - top) / (bottom - top) * r
+    return (y >= top) & (y <= bottom) & (np.abs(x - cx) <= half_width)
+
+
+def _shapes_image(rng: np.random.Generator, size: int, background: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """One or two shapes of random kind, place and size, each filled with a jittered palette colour."""
+    x, y = _grid(size)
+    img = np.broadcast_to(background * rng.uniform(0.9, 1.1), (size, size, 3)).copy()
+    for _ in range(rng.integers(1, 3)):
+        kind = _SHAPE_KINDS[rng.integers(len(_SHAPE_KINDS))]
+        r = rng.uniform(0.14, 0.26)
+        cx, cy = rng.uniform(r + 0.02, 0.98 - r, 2)
+        colour = palette[rng.integers(len(palette))] + rng.normal(0, 0.04, 3)
+        img[_shape_mask(kind, x, y, cx, cy, r)] = colour
+    return np.clip(img + rng.normal(0, 0.01, img.shape), 0, 1)
+
+
+def _shapes_b(rng: np.random.Generator, size: int) -> np.ndarray:
+    return _shapes_image(rng, size, np.array([0.92, 0.92, 0.88]), _COOL)
+
+
+def _shapes_a(rng: np.random.Generator, size: int) -> np.ndarray:
+    return _shapes_image(rng, size, np.array([0.92, 0.92, 0.88]), _WARM)
+
+
+def make_shapes_dataset(root: str | os.PathLike, n_train: int = 200, n_test: int = 16, size: int = 32,
+                        seed: int = 0) -> str:
+    """The demo's learnable two-domain set in the official layout (no downloads); returns root.
+
+    Both domains hold circles, squares and triangles on a light background; only the shapes' colours
+    differ (:data:`SHAPES_B_TO_A`), so a b2a translation must repaint each shape and leave its outline
+    and the background alone (what Council-GAN's masks are for), and the style noise may pick among
+    the warm colours. Unpaired, as in the real task: the A and B images are drawn independently.
+    """
+    return _write_domains(root, {"A": _shapes_a, "B": _shapes_b}, n_train, n_test, size, seed)
+
+
+def _write_domains(root, makers: dict, n_train: int, n_test: int, size: int, seed: int) -> str:
     root = os.fspath(root)
     rng = np.random.default_rng(seed)
-    makers = {"A": _photo, "B": _anime}
     for split, count in (("train", n_train), ("test", n_test)):
         for domain, make in makers.items():
             folder = os.path.join(root, f"{split}{domain}")

@@ -10,18 +10,19 @@ import math
 import os
 import stat
 import threading
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .fileio import atomic_write_bytes
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "ImageTooLargeError", "open_rgb", "decode_rgb", "as_rgb8",
-           "max_image_pixels", "PixelBudget", "DECODE_BUDGET",
-           "resize_shorter", "center_crop",
-           "pil_to_tensor", "tensor_to_pil", "save_image", "make_grid", "save_grid", "test_transform"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "ImageTooLargeError", "open_rgb", "decode_rgb", "as_rgb8", "max_image_pixels", "PixelBudget",
+           "DECODE_BUDGET", "resize_shorter", "center_crop", "pil_to_tensor", "tensor_to_pil", "save_image", "FITS",
+           "fit_square", "make_grid", "save_grid", "test_transform", "upscale_nearest", "SheetLayout", "sheet_layout",
+           "labelled_sheet", "save_labelled_sheet", "SHEET_MIN_TILE"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -205,6 +206,29 @@ def test_transform(im: Image.Image, size: int, crop: tuple[int, int] | None = No
     return pil_to_tensor(center_crop(im, h, w))
 
 
+FITS = ("crop", "pad", "stretch")
+PAD_COLOUR = (128, 128, 128)  # mid-grey: 0 in the model's [-1, 1]
+
+
+def fit_square(im: Image.Image, size: int, fit: str = "crop") -> Image.Image:
+    """A ``size`` x ``size`` image from any aspect ratio: ``crop`` (shorter side to size, centre crop: the
+    official test transform; a wide photo loses its sides), ``pad`` (longer side to size, the rest filled
+    with mid-grey: nothing is lost), ``stretch`` (both sides to size: the aspect ratio changes)."""
+    if fit == "crop":
+        return center_crop(resize_shorter(im, size), size, size)
+    if fit == "stretch":
+        return im if im.size == (size, size) else im.resize((size, size), Image.BILINEAR)
+    if fit == "pad":
+        w, h = im.size
+        scale = size / max(w, h)
+        inner = (max(1, round(w * scale)), max(1, round(h * scale)))
+        canvas = Image.new("RGB", (size, size), PAD_COLOUR)
+        canvas.paste(im.convert("RGB").resize(inner, Image.BILINEAR) if inner != im.size else im.convert("RGB"),
+                     ((size - inner[0]) // 2, (size - inner[1]) // 2))
+        return canvas
+    raise ValueError(f"fit must be one of {', '.join(FITS)}, not {fit!r}")
+
+
 def _encode(im: Image.Image, path: str) -> bytes:
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}.get(
         os.path.splitext(path)[1].lower(), "PNG")
@@ -240,3 +264,117 @@ def make_grid(rows: Sequence[Sequence[torch.Tensor]], pad: int = 2) -> torch.Ten
 
 def save_grid(rows: Sequence[Sequence[torch.Tensor]], path: str | os.PathLike, pad: int = 2) -> None:
     save_image(make_grid(rows, pad), path)
+
+
+# --------------------------------------------------------------------------- labelled contact sheets
+
+SHEET_MIN_TILE = 128  # small tiles are scaled up (nearest, by a whole factor) to at least this size
+_LABEL_PAD = 4
+_INK, _PAPER = (0, 0, 0), (255, 255, 255)
+
+
+def upscale_nearest(im: Image.Image, min_side: int = SHEET_MIN_TILE) -> Image.Image:
+    """Scale up by the smallest whole factor that makes the shorter side at least ``min_side``
+    (nearest neighbour: every pixel becomes a visible block); images already that large are unchanged."""
+    factor = max(1, -(-min_side // max(1, min(im.size))))
+    return im if factor == 1 else im.resize((im.size[0] * factor, im.size[1] * factor), Image.NEAREST)
+
+
+def _as_pil(cell: torch.Tensor | Image.Image) -> Image.Image:
+    return cell.convert("RGB") if isinstance(cell, Image.Image) else tensor_to_pil(cell)
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
+    if not text:
+        return 0, 0
+    left, top, right, bottom = draw.multiline_textbbox((0, 0), text, font=font)
+    return right - left, bottom - top
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """Each line of ``text``, shortened (ending in '..') until it fits ``width`` pixels."""
+    lines = []
+    for line in text.split("\n"):
+        while line and _text_size(draw, line, font)[0] > width:
+            line = line[:-3] + ".." if len(line) > 3 else line[:-1]
+        lines.append(line)
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SheetLayout:
+    """Where everything of a labelled contact sheet goes (pixels)."""
+    tile: tuple[int, int]  # (width, height) of the largest tile
+    columns: int
+    rows: int
+    left: int  # width of the row-label column
+    head: int  # height of the column-label row
+    caption: int  # height of the caption under each tile (0 without cell labels)
+    pad: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.pad + self.left + self.columns * (self.tile[0] + self.pad),
+                self.pad + self.head + self.rows * (self.tile[1] + self.caption + self.pad))
+
+    def origin(self, r: int, c: int) -> tuple[int, int]:
+        """Top-left corner of tile (r, c)."""
+        return (self.pad + self.left + c * (self.tile[0] + self.pad),
+                self.pad + self.head + r * (self.tile[1] + self.caption + self.pad))
+
+
+def sheet_layout(tile_sizes: Sequence[Sequence[tuple[int, int]]], row_labels: Sequence[str] | None = None,
+                 col_labels: Sequence[str] | None = None, cell_labels: Sequence[Sequence[str]] | None = None,
+                 pad: int = 4) -> SheetLayout:
+    """The layout :func:`labelled_sheet` uses for tiles of these (scaled) sizes and these labels."""
+    font, probe = ImageFont.load_default(), ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def block_height(labels) -> int:
+        sizes = [_text_size(probe, text, font)[1] for text in labels or () if text]
+        return max(sizes) + 2 * _LABEL_PAD if sizes else 0
+
+    tile = (max(w for row in tile_sizes for w, _ in row), max(h for row in tile_sizes for _, h in row))
+    widths = [_text_size(probe, text, font)[0] for text in row_labels or () if text]
+    left = min(max(widths) + 2 * _LABEL_PAD, 2 * tile[0]) if widths else 0
+    return SheetLayout(tile, max(len(row) for row in tile_sizes), len(tile_sizes), left, block_height(col_labels),
+                       block_height([t for row in cell_labels or () for t in row]), pad)
+
+
+def labelled_sheet(rows: Sequence[Sequence[torch.Tensor | Image.Image]], row_labels: Sequence[str] | None = None,
+                   col_labels: Sequence[str] | None = None,
+                   cell_labels: Sequence[Sequence[str]] | None = None, min_tile: int = SHEET_MIN_TILE,
+                   pad: int = 4) -> Image.Image:
+    """Contact sheet with labels, as an RGB image.
+
+    ``rows[r][c]`` is a tensor in [-1, 1] or a PIL image; tiles are scaled up to ``min_tile`` pixels
+    (:func:`upscale_nearest`). ``col_labels`` head the columns, ``row_labels`` stand left of the rows,
+    ``cell_labels[r][c]`` go under single tiles (when the columns differ from row to row). Labels may
+    hold line breaks; a line too wide for its place is shortened. Pillow's default font.
+    """
+    if not rows or not any(rows):
+        raise ValueError("labelled_sheet needs at least one image")
+    tiles = [[upscale_nearest(_as_pil(cell), min_tile) for cell in row] for row in rows]
+    layout = sheet_layout([[t.size for t in row] for row in tiles], row_labels, col_labels, cell_labels, pad)
+    sheet = Image.new("RGB", layout.size, _PAPER)
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
+    width = layout.tile[0] - _LABEL_PAD
+    for c, text in enumerate(col_labels or ()):
+        x, y = layout.origin(0, c)
+        draw.multiline_text((x + _LABEL_PAD, y - layout.head + _LABEL_PAD // 2), _fit_text(draw, text, font, width),
+                            fill=_INK, font=font)
+    for r, row in enumerate(tiles):
+        if row_labels and r < len(row_labels) and row_labels[r]:
+            draw.multiline_text((pad, layout.origin(r, 0)[1] + _LABEL_PAD),
+                                _fit_text(draw, row_labels[r], font, layout.left - _LABEL_PAD), fill=_INK, font=font)
+        for c, tile in enumerate(row):
+            x, y = layout.origin(r, c)
+            sheet.paste(tile, (x, y))
+            if cell_labels and r < len(cell_labels) and c < len(cell_labels[r]):
+                draw.multiline_text((x + 1, y + layout.tile[1] + _LABEL_PAD // 2),
+                                    _fit_text(draw, cell_labels[r][c], font, width), fill=_INK, font=font)
+    return sheet
+
+
+def save_labelled_sheet(rows, path: str | os.PathLike, **labels) -> None:
+    """:func:`labelled_sheet` written atomically to ``path`` (format from the extension)."""
+    save_image(labelled_sheet(rows, **labels), path)

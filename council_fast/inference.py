@@ -18,13 +18,13 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from PIL import Image
 
-from .checkpoint import CheckpointError, check_state_dict, latest_full_state_path, load_full_state, \
-    load_generator_states
+from .checkpoint import CheckpointError, check_state_dict, describe_generator, generator_sizes, \
+    latest_full_state_path, load_full_state, load_generator_states
 from .config import load_config, validate_config
 from .cuda_graphs import GraphedCall
 from .evalrecord import EVAL_STATE_KEY, EvalRecord
 from .fast_generator import FastGenerator
-from .images import as_rgb8, pil_to_tensor, tensor_to_pil, test_transform
+from .images import as_rgb8, fit_square, pil_to_tensor, tensor_to_pil
 from .ops import resolve_backend
 from .reference.networks import AdaINGen
 from .runtime import PRECISIONS, SetupError, autocast_context, check_precision
@@ -172,6 +172,33 @@ def _select_members(available: Sequence[int], members) -> list[int]:
     return chosen
 
 
+def run_checkpoints(checkpoint: str) -> str:
+    """A training run's folder (it holds checkpoints/) stands for its checkpoints/ folder."""
+    inner = os.path.join(checkpoint, "checkpoints")
+    if os.path.isdir(checkpoint) and os.path.isdir(inner) and not any(
+            name.endswith(".pt") or name == "latest.txt" for name in os.listdir(checkpoint)):
+        return inner
+    return checkpoint
+
+
+_GEN_SIZE_KEYS = ("dim", "mlp_dim", "style_dim", "n_downsample", "n_res", "num_of_mask_dim_to_add")
+
+
+def size_mismatch_message(states, cfg: dict, config_arg, error: Exception) -> str:
+    """What the checkpoint was trained with and what the config asks for, instead of a key dump."""
+    found = generator_sizes(states.states[0])
+    differ = [f"{k} {found[k]} (config: {cfg['gen'][k]})" for k in _GEN_SIZE_KEYS
+              if k in found and found[k] != cfg["gen"][k]]
+    if not differ:  # not a size question: keep the key-by-key report
+        return str(error)
+    named = f" {config_arg}" if isinstance(config_arg, (str, os.PathLike)) else ""
+    fix = ("drop --config (a council-fast run carries its config), or pass the run's config (RUN/config.yaml)"
+           if config_arg is not None else "pass the config it was trained with (--config)")
+    return (f"{states.source}: the checkpoint was trained with "
+            f"{describe_generator(states.states[0], len(states.members))}; the config{named} differs in "
+            f"{', '.join(differ)}: {fix}")
+
+
 def load_generators(checkpoint: str | os.PathLike, config: str | dict | None = None, members="all",
                     engine: str = "fused", device: torch.device | str = "cpu", precision: str = "fp32",
                     direction: str | None = None, backend: str = "auto") -> Generators:
@@ -187,8 +214,8 @@ def load_generators(checkpoint: str | os.PathLike, config: str | dict | None = N
     """
     device = torch.device(device)
     check_precision(precision, device)
-    states = load_generator_states(checkpoint, direction)
-    path = os.fspath(checkpoint)
+    path = run_checkpoints(os.fspath(checkpoint))
+    states = load_generator_states(path, direction)
     carried = states.config if states.config is not None or config is not None else _config_beside(path)
     cfg = _resolve_config(config, carried, states.source)
     input_dim = cfg["input_dim_a"] if states.direction == "a2b" else cfg["input_dim_b"]
@@ -197,7 +224,10 @@ def load_generators(checkpoint: str | os.PathLike, config: str | dict | None = N
         members = best_member(path)
     for k in _select_members(states.members, members):
         gen, description = build_generator(input_dim, cfg["gen"], engine, backend, device)
-        check_state_dict(gen, states.states[states.members.index(k)], f"{states.source} (member {k})")
+        try:
+            check_state_dict(gen, states.states[states.members.index(k)], f"{states.source} (member {k})")
+        except CheckpointError as e:
+            raise CheckpointError(size_mismatch_message(states, cfg, config, e)) from None
         gen = gen.to(device).eval()
         if precision != "fp32" and runs_in_parameter_dtype(gen):
             gen.to(PRECISIONS[precision])
@@ -324,10 +354,11 @@ class Converter:
 
 # --------------------------------------------------------------------------- inputs and style codes
 
-def image_tensor(image: Image.Image, size: int | None, input_dim: int = 3) -> torch.Tensor:
-    """The official test transform of an RGB image (shorter side to ``size``, centre crop; None keeps
-    its size) as (input_dim, H, W) in [-1, 1]; one channel is ITU-R 601 luma, as Pillow's "L"."""
-    x = test_transform(image, size) if size is not None else pil_to_tensor(image)
+def image_tensor(image: Image.Image, size: int | None, input_dim: int = 3, fit: str = "crop") -> torch.Tensor:
+    """An RGB image made ``size`` x ``size`` as ``fit`` says (:func:`council_fast.images.fit_square`;
+    'crop' is the official test transform; None keeps its size) as (input_dim, H, W) in [-1, 1]; one
+    channel is ITU-R 601 luma, as Pillow's "L"."""
+    x = pil_to_tensor(fit_square(image, size, fit)) if size is not None else pil_to_tensor(image)
     if input_dim == 1:
         x = (0.299 * x[0:1] + 0.587 * x[1:2] + 0.114 * x[2:3])
     return x

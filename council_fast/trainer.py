@@ -34,9 +34,11 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, official_keys_notice
 from .fileio import DiskFullError, report_stale_temp_files
 from .metrics import InceptionWeightsError
+from .retention import DEFAULT_KEEP_LAST, prune_snapshots
+from .threads import add_threads_argument, set_threads
 from .reference import AdaINGen, MsImageDis, MsImageDisCouncil
 from .train_monitor import TrainMonitor
 
@@ -561,6 +563,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "pt_inception-2015-12-05-6726825d.pth (for --eval-every)")
     parser.add_argument("--eval-images", type=int, default=100, metavar="N",
                         help="test images per domain for --eval-every (default: %(default)s)")
+    parser.add_argument("--keep-last", type=int, default=DEFAULT_KEEP_LAST, metavar="N",
+                        help="keep the snapshot files (official per-member files, full states) of the newest N "
+                             "snapshot iterations, delete older ones; 0 keeps all (default: %(default)s)")
+    add_threads_argument(parser)
 
 
 class _StopRequest:
@@ -617,6 +623,7 @@ def _fail(message: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from .data import DataError
+    set_threads(args.threads)
     try:
         return _train(args)
     except (ConfigError, ckpt.CheckpointError, DataError, NotImplementedError, InceptionWeightsError) as e:
@@ -635,7 +642,8 @@ def _resolve_config(args, checkpoint_dir: str):
         state = ckpt.load_resume_state(path)
         config = state["config"]
         if args.config is not None and load_config(args.config) | {"data_root": None} != config | {"data_root": None}:
-            warnings.warn(f"--config {args.config} differs from the config saved in {path}; resuming with the saved one")
+            print(f"note: --config {args.config} differs from the config saved in {path}; resuming with the "
+                  "saved one (drop --config when resuming)", file=sys.stderr)
         state["_path"] = path
     elif args.config is None:
         raise ConfigError("--config is required (a YAML path, or a packaged name: tiny, selfie2anime)")
@@ -679,10 +687,15 @@ def _train_on(args, ctx) -> int:
     checkpoint_dir, image_dir = os.path.join(out, "checkpoints"), os.path.join(out, "images")
     if args.iters is not None and args.iters < 1:
         return _fail(f"--iters {args.iters}: must be at least 1")
+    if args.keep_last < 0:
+        return _fail(f"--keep-last {args.keep_last}: must not be negative (0 keeps every snapshot)")
     if not args.resume and ckpt.latest_full_state_path(checkpoint_dir) is not None:
         return _fail(f"{out} already holds a training run ({checkpoint_dir}): pass --resume to continue it, "
                      "or choose another --out")
     config, state = _resolve_config(args, checkpoint_dir)
+    notice = official_keys_notice(config, args.config or "the resumed run's config")
+    if notice and writer:
+        print(notice, file=sys.stderr)
     seed = args.seed if args.seed is not None else config["random_seed"]
     if state is not None:
         seed = int(state.get("seed", seed))
@@ -730,7 +743,7 @@ def _train_on(args, ctx) -> int:
 
     def save_full():
         if writer:
-            _save_full_state(trainer, loader, checkpoint_dir, monitor.state())
+            _save_full_state(trainer, loader, checkpoint_dir, args.keep_last, monitor.state())
 
     def save_images():
         if writer:
@@ -801,23 +814,27 @@ def _train_on(args, ctx) -> int:
     return stop.exit_status if stop.requested and trainer.iteration < target else 0
 
 
-def _save_full_state(trainer: CouncilTrainer, loader, checkpoint_dir: str, extra: dict | None = None) -> None:
+def _save_full_state(trainer: CouncilTrainer, loader, checkpoint_dir: str, keep_last: int,
+                     extra: dict | None = None) -> None:
     """state_<n>.pt with the data position (and ``extra``: the evaluation record), latest.txt pointing at it;
-    the two newest are kept."""
+    then the snapshots of the newest ``keep_last`` iterations are kept
+    (:func:`council_fast.retention.prune_snapshots`)."""
     path = ckpt.full_state_path(checkpoint_dir, trainer.iteration)
     ckpt.save_full_state(path, trainer.state_dict() | {"data": loader.state()} | (extra or {}))
     ckpt.write_latest(checkpoint_dir, path)
-    _prune_full_states(checkpoint_dir, keep=2)
+    prune_snapshots(checkpoint_dir, keep_last, trainer.size)
 
 
 def _save_contact_sheet(trainer: CouncilTrainer, test_images: dict, path: str) -> None:
-    """One row per test image: the input, then each member's translation (fixed display styles)."""
-    from .images import save_grid
-    rows = []
+    """One row per test image: the input, then each member's translation (display style r for row r)."""
+    from .images import save_labelled_sheet
+    rows, row_labels = [], []
     for d, x in test_images.items():
         outs = trainer.sample(x, d)
         rows += [[x[r]] + [o[r] for o in outs] for r in range(x.size(0))]
-    save_grid(rows, path)
+        row_labels += [f"{d}: test{d[0].upper()} {r}\nstyle {r}" for r in range(x.size(0))]
+    col_labels = ["input"] + [f"member {i}" for i in range(trainer.size)]
+    save_labelled_sheet(rows, path, row_labels=row_labels, col_labels=col_labels)
 
 
 def _seed_everything(seed: int) -> None:
@@ -841,14 +858,3 @@ def _write_config(config: dict, path: str) -> None:
     import yaml
     from .fileio import atomic_write_bytes
     atomic_write_bytes(path, yaml.safe_dump(config, sort_keys=False).encode())
-
-
-def _prune_full_states(checkpoint_dir: str, keep: int) -> None:
-    import glob
-    states = []
-    for path in glob.glob(os.path.join(glob.escape(checkpoint_dir), "state_*.pt")):
-        m = re.match(r"^state_(\d+)\.pt$", os.path.basename(path))
-        if m:
-            states.append((int(m.group(1)), path))
-    for _, path in sorted(states)[:-keep]:
-        os.unlink(path)

@@ -10,6 +10,7 @@ import yaml
 
 from council_fast.bench import suites, time_callable
 from council_fast.cli import bench
+from council_fast.config import packaged_config
 
 # Written out here (not taken from bench.py) so a field dropped there is caught.
 RESULT_FIELDS = {"name", "engine", "status", "reason", "median_ms", "min_ms", "mean_ms", "times_ms", "img_per_s",
@@ -184,3 +185,9 @@ def test_engine_failing_during_the_timed_rounds_and_a_failing_reference(tmp_path
     assert status == 1
     others = [r for r in report["results"] if r["engine"] != "reference" and r["status"] == "ok"]
     assert others and all(r["speedup"] is None and r["max_rel_diff"] is None for r in others)
+
+
+def test_bench_convert_defaults_to_the_configs_size():
+    assert bench._default_size("convert", packaged_config("tiny")) == 32
+    assert bench._default_size("convert", packaged_config("selfie2anime")) == 256
+    assert bench._default_size("ops", packaged_config("tiny")) == 64

@@ -190,3 +190,13 @@ def test_bad_keys_and_values_name_the_key_and_file(tmp_path, text, key):
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_an_unknown_config_name_lists_the_packaged_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_config("tinyy")
+    assert "packaged: selfie2anime, tiny, demo" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/mine.yaml")
+    assert "packaged" not in str(err.value)

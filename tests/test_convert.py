@@ -211,14 +211,18 @@ def test_masks_and_contact_sheet(tmp_path, images, ckpt):
                        "--output", str(out), "--styles", "2", "--seed", "3", "--save-masks", "--grid") == 0
     masks = sorted(glob.glob(str(out / "**" / "*_mask.png"), recursive=True))
     assert len(masks) == 3 * 2 * 2
+    # A row per input named on the left; columns: the input, then members 0 and 1 with styles 0 and 1.
+    columns = ["input"] + [f"member {m}\nstyle {s}" for m in (0, 1) for s in (0, 1)]
+    layout = cf_images.sheet_layout([[(128, 128)] * 5] * 3, row_labels=["cat", "dog", "sub/bird"],
+                                    col_labels=columns)
     with Image.open(out / conversion.GRID_NAME) as sheet:
-        pad, cols, rows = 2, 1 + 2 * 2, 3
-        assert sheet.size == (pad + cols * (SIZE + pad), pad + rows * (SIZE + pad))
-        first_cell = np.asarray(sheet.convert("RGB"))[pad:pad + SIZE, pad:pad + SIZE].astype(np.int16)
-    # Row 0 starts with the first input (cat.jpg) as the model saw it.
+        assert sheet.size == layout.size
+        x, y = layout.origin(0, 0)
+        first_cell = np.asarray(sheet.convert("RGB"))[y:y + 128, x:x + 128].astype(np.int16)
+    # Row 0 starts with the first input (cat.jpg) as the model saw it, scaled up 4x (nearest).
     with Image.open(images / "cat.jpg") as im:
         want = ((cf_images.test_transform(im.convert("RGB"), SIZE) + 1) * 127.5).round().permute(1, 2, 0).numpy()
-    assert np.abs(first_cell - want).max() <= 1
+    assert np.abs(first_cell - want.repeat(4, 0).repeat(4, 1)).max() <= 1
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
@@ -372,9 +376,9 @@ def test_config_that_does_not_fit_fails_before_writing(tmp_path, images, ckpt, c
     assert run_convert("--config", str(config_path), "--checkpoint", ckpt["prefix"], "--input", str(images),
                        "--output", str(out)) == 2
     err = capsys.readouterr().err
-    # The first keys at fault are named with their shapes, the rest counted, and the likely cause given.
-    assert "mis-shaped keys (52)" in err and "enc_style.model.0.conv.weight: expected (16, 3, 7, 7)" in err
-    assert "and 44 more" in err and "config's network sizes" in err
+    # What the checkpoint was trained with and the size at fault, not a key dump (issue 17).
+    assert "trained with dim 8, mlp_dim 16, style_dim 8, n_downsample 2, n_res 1, 3 masks, 2 members" in err
+    assert "differs in dim 8 (config: 16)" in err and "mis-shaped keys" not in err
     assert not out.exists()
 
 
@@ -545,3 +549,61 @@ def test_default_batch_follows_the_free_gpu_memory(monkeypatch):
                                              (gib // 4, 1024, "fp32", 1)):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 80 * gib))
         assert conversion.default_batch(torch.device("cuda"), size, precision) == expected, (free, size, precision)
+
+
+def test_random_members_get_a_caption_per_tile(tmp_path, images, ckpt):
+    out = tmp_path / "out"
+    assert run_convert("--config", "tiny", "--checkpoint", ckpt["prefix"], "--input", str(images),
+                       "--output", str(out), "--member", "random", "--seed", "4", "--grid") == 0
+    chosen = [sorted(glob.glob(str(out / f"{stem}_m*_s0.png")))[0].rsplit("_m", 1)[1][0]
+              for stem in ("cat", "dog", "sub/bird")]
+    captions = [["input", f"member {m}\nstyle 0"] for m in chosen]
+    layout = cf_images.sheet_layout([[(128, 128)] * 2] * 3, row_labels=["cat", "dog", "sub/bird"],
+                                    cell_labels=captions)
+    with Image.open(out / conversion.GRID_NAME) as sheet:
+        assert sheet.size == layout.size and layout.caption > 0
+
+
+@pytest.mark.parametrize("fit", ["crop", "pad", "stretch"])
+def test_fit_decides_how_inputs_become_squares(tmp_path, ckpt, fit):
+    wide = random_image(7, w=90, h=40)
+    wide.save(tmp_path / "wide.png")
+    out = tmp_path / fit
+    assert run_convert("--config", "tiny", "--checkpoint", ckpt["member3"], "--input", str(tmp_path / "wide.png"),
+                       "--output", str(out), "--seed", "2", "--fit", fit) == 0
+    z = z_for(2, "wide", 1, packaged_config("tiny")["gen"]["style_dim"])
+    x = cf_images.pil_to_tensor(cf_images.fit_square(wide, SIZE, fit)).unsqueeze(0)
+    with torch.no_grad():
+        y = ckpt["gens"][3].translate(x, z.view(1, -1, 1, 1))[0]
+    want = ((y.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(np.int16)
+    assert np.abs(read(out / "wide_m3_s0.png") - want).max() <= 1
+
+
+def test_a_checkpoint_of_another_size_says_what_it_was_trained_with(tmp_path, images, ckpt, capsys):
+    small = dict(packaged_config("tiny")["gen"], dim=4, n_res=2)
+    torch.save({"b2a": AdaINGen(3, small).state_dict()}, tmp_path / "b2a_gen_0_00000005.pt")
+    torch.save({"b2a": AdaINGen(3, small).state_dict()}, tmp_path / "b2a_gen_1_00000005.pt")
+    assert run_convert("--config", "tiny", "--checkpoint", str(tmp_path / "00000005"), "--input", str(images),
+                       "--output", str(tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "trained with dim 4, mlp_dim 16, style_dim 8, n_downsample 2, n_res 2, 3 masks, 2 members" in err
+    assert "dim 4 (config: 8)" in err and "n_res 2 (config: 1)" in err and "drop --config" in err
+    assert "missing keys" not in err and len(err) < 500
+
+
+def test_a_training_run_folder_is_a_checkpoint(tmp_path, images, ckpt):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "images").mkdir()
+    for i in (0, 1):
+        torch.save({"b2a": ckpt["gens"][i].state_dict()}, run / "checkpoints" / f"b2a_gen_{i}_00000010.pt")
+    assert inference.run_checkpoints(str(run)) == str(run / "checkpoints")
+    assert inference.run_checkpoints(str(run / "checkpoints")) == str(run / "checkpoints")
+    assert run_convert("--config", "tiny", "--checkpoint", str(run), "--input", str(images / "dog.png"),
+                       "--output", str(tmp_path / "a"), "--seed", "1") == 0
+    assert run_convert("--config", "tiny", "--checkpoint", ckpt["prefix"], "--input", str(images / "dog.png"),
+                       "--output", str(tmp_path / "b"), "--seed", "1") == 0
+    assert sorted(os.listdir(tmp_path / "a")) == sorted(os.listdir(tmp_path / "b")) == ["dog_m0_s0.png",
+                                                                                        "dog_m1_s0.png"]
+    for name in os.listdir(tmp_path / "a"):
+        assert np.array_equal(read(tmp_path / "a" / name), read(tmp_path / "b" / name))

@@ -383,3 +383,24 @@ def test_convert_takes_the_config_of_a_training_run(micro_config, synthetic_data
     assert main(["convert", "--checkpoint", str(out / "checkpoints"), "--input", str(synthetic_data / "testB"),
                  "--output", str(converted), "--seed", "0", "--quiet", "--device", "cpu"]) == 0
     assert len(os.listdir(converted)) == 2 * len(os.listdir(synthetic_data / "testB"))  # 2 members
+
+
+def test_keep_last_notes_and_threads_of_the_train_command(micro_config, synthetic_data, tmp_path, capsys, recwarn):
+    micro_config["misc"]["do_test_Fid"] = True
+    cfg = _write_config(micro_config, tmp_path / "micro.yaml", image_save_iter=100, snapshot_save_iter=1)
+    out = tmp_path / "run"
+    assert _train("--config", cfg, "--data", synthetic_data, "--out", out, "--iters", 4, "--keep-last", 1,
+                  "--threads", 1) == 0
+    assert torch.get_num_threads() == 1
+    err = capsys.readouterr().err
+    assert err.count("misc.do_test_Fid") == 1 and "start_tensor_board" not in err
+    left = sorted(os.listdir(out / "checkpoints"))
+    assert [n for n in left if n.startswith("state_")] == ["state_00000004.pt"]
+    assert {n.rsplit("_", 1)[1] for n in left if n.startswith("b2a_")} == {"00000005.pt"}
+    # Resuming with a different --config: a note on stderr, not a Python warning with its source line.
+    other = _write_config(micro_config, tmp_path / "other.yaml", lr=0.5)
+    assert _train("--resume", "--config", other, "--out", out, "--iters", 5) == 0
+    err = capsys.readouterr().err
+    assert "differs from the config saved in" in err and "warn" not in err.lower()
+    assert not [w for w in recwarn if "differs from the config" in str(w.message)]
+    assert _train("--config", cfg, "--data", synthetic_data, "--out", tmp_path / "x", "--keep-last", -1) == 2

@@ -11,6 +11,7 @@ import datetime
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -212,7 +213,13 @@ def environment(device: torch.device) -> dict:
 
 # --------------------------------------------------------------------------- measuring rows
 
+def progress(text: str) -> None:
+    """A line on stderr while a benchmark runs (the table comes at the end)."""
+    print(f"  {text}", file=sys.stderr, flush=True)
+
+
 def measure(row: BenchRow, call, device, warmup, repeats, images, reference_out=None) -> BenchRow:
+    progress(f"{row.engine}: {warmup} warm-up and {repeats} timed calls")
     try:
         timing = time_callable(call, device, warmup, repeats)
         if reference_out is not None:
@@ -229,6 +236,7 @@ def measure_interleaved(built: list, warmup: int, repeats: int, images: int) -> 
     with a different one each round. First calls and warm-up calls come before the first round."""
     timings = {}
     for row, call in built:
+        progress(f"{row.engine}: first call and {max(0, warmup - 1)} warm-up call(s)")
         try:
             start = time.perf_counter()
             call()
@@ -241,6 +249,7 @@ def measure_interleaved(built: list, warmup: int, repeats: int, images: int) -> 
     for r in range(repeats):
         if not live:
             break
+        progress(f"timed round {r + 1}/{repeats} ({len(live)} engines)")
         for row, call in live[r % len(live):] + live[:r % len(live)]:
             try:
                 start = time.perf_counter()

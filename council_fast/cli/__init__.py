@@ -14,7 +14,7 @@ from ..version import __version__
 
 # name -> (module, one-line help); modules are imported when the parser is built
 COMMANDS = {
-    "demo": ("council_fast.cli.demo", "train a tiny council on built-in synthetic data, then convert with it"),
+    "demo": ("council_fast.cli.demo", "train a small council on built-in synthetic shapes, then convert with it"),
     "train": ("council_fast.trainer", "train a council (reference or fused engine) on an official data folder"),
     "convert": ("council_fast.cli.convert", "translate image files or folders with trained generators"),
     "parity": ("council_fast.cli.parity", "check that the fused training engine reproduces the reference iteration"),

@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images per call (default: 32 for convert, the config's batch_size for train, "
                              "8 for ops)")
     parser.add_argument("--size", type=int, default=None,
-                        help="image side (default: 256 for convert, the config's crop size for train, 64 for ops)")
+                        help="image side (default: the config's new_size for convert, its crop size for train, "
+                             "64 for ops)")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=3,
                         help="untimed runs first, at least 1 (default: %(default)s)")
@@ -75,7 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                   "--max-batch, --size the request size, --threads the server's)"))
 
 
-_DEFAULTS = {"convert": (32, 256), "train": (None, None), "ops": (8, 64)}
+_DEFAULTS = {"convert": (32, None), "train": (None, None), "ops": (8, 64)}
+
+
+def _default_size(what: str, config: dict) -> int | None:
+    """--size when not given: the config's conversion size (new_size) for convert, else _DEFAULTS."""
+    return config["new_size"] if what == "convert" else _DEFAULTS[what][1]
 
 
 def _settings(args, config: dict) -> tuple[torch.device, int | None, int | None]:
@@ -87,7 +93,7 @@ def _settings(args, config: dict) -> tuple[torch.device, int | None, int | None]
     if args.threads is not None and args.threads < 1:
         raise SetupError(f"--threads must be at least 1, got {args.threads}")
     batch = args.batch if args.batch is not None else _DEFAULTS[args.what][0]
-    size = args.size if args.size is not None else _DEFAULTS[args.what][1]
+    size = args.size if args.size is not None else _default_size(args.what, config)
     for value, label in ((batch, "--batch"), (size, "--size")):
         if value is not None and value < 1:
             raise SetupError(f"{label} must be positive, got {value}")
@@ -111,6 +117,9 @@ def run(args) -> int:
 
 def _run(args, device: torch.device, config: dict, batch: int | None, size: int | None) -> int:
     common = dict(precision=args.precision, repeats=args.repeats, warmup=args.warmup, seed=args.seed)
+    shown = f"batch {batch}, {size}x{size}" if batch and size else "the config's batch and size"
+    print(f"council-fast bench {args.what}: config {args.config}, {shown}, {device}, {args.precision}; "
+          "progress below, the table at the end", file=sys.stderr, flush=True)
     if args.what == "convert":
         rows = bench_convert(config, device, batch=batch, size=size, compile=args.compile, backend=args.backend,
                              **common)

@@ -1,8 +1,8 @@
 """Translate image files and folders with trained Council-GAN generators.
 
 Inputs are files, folders (searched recursively) or glob patterns of jpg/jpeg/png/webp/bmp images.
-Each input is resized (shorter side to --size, default the config's new_size) and centre-cropped
-as the official test transform does, encoded once per council member, and decoded once per style
+Each input is made a --size square (default the config's new_size) as --fit says (default: shorter
+side to --size and centre-cropped, as the official test transform does), encoded once per council member, and decoded once per style
 code z ~ N(0, I). Outputs go to --output as ``<name>_m<member>_s<style>.png``, keeping the
 sub-folders of folder inputs. Decoding and resizing run in worker threads ahead of the model and
 PNG encoding behind it. An input's style codes (and, with --member random, its member) depend only
@@ -25,7 +25,9 @@ from ..conversion import GRID_NAME, check_size, convert_paths, default_batch, fi
 from ..convert_ranks import Ranks, join, launched_by_torchrun
 from ..facecrop import DEFAULT_MARGIN, FaceCropError, check_available
 from ..inference import KERNEL_BACKENDS, ConvertError, Converter, load_generators, split_backend
+from ..images import FITS
 from ..runtime import PRECISIONS, SetupError, check_precision, resolve_device
+from ..threads import add_threads_argument, set_threads
 
 EXIT_FATAL = 2  # nothing could start (bad arguments, config, checkpoint, inputs): as argparse, train, parity
 EXIT_SOME_FAILED = 1  # it ran, but some inputs failed
@@ -54,7 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images per model call (default: 8 on cpu; on cuda as many as half the free GPU "
                              "memory holds, at most 32; halved automatically if the GPU runs out of memory)")
     parser.add_argument("--size", type=int, default=None,
-                        help="shorter side is resized to this, then centre-cropped square (default: new_size)")
+                        help="inputs are made SIZE x SIZE squares as --fit says (default: the config's new_size)")
+    parser.add_argument("--fit", choices=FITS, default="crop",
+                        help="crop: shorter side to SIZE, centre crop (the official test transform; a wide photo "
+                             "loses its sides); pad: longer side to SIZE, mid-grey bands; stretch: both sides to "
+                             "SIZE (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                         help="autocast precision: bf16 on cpu or cuda, fp16 on cuda only (default: %(default)s)")
@@ -74,6 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="crop each photo to its largest face first, framed as the selfie2anime training faces "
                              f"(a square MARGIN times the face's side, default {DEFAULT_MARGIN}; the centred square "
                              "when no face is found); needs opencv-python-headless (the face extra)")
+    add_threads_argument(parser)
 
 
 def _validate_args(args) -> torch.device:
@@ -143,6 +150,7 @@ def _seed(args, ranks: Ranks | None) -> int:
 
 
 def run(args) -> int:
+    set_threads(args.threads)
     try:
         ranks, device, items, gens, size = _load(args)
     except (SetupError, CheckpointError, ConfigError, FaceCropError) as e:
@@ -161,7 +169,8 @@ def run(args) -> int:
         report = convert_paths(items, converter, args.output, size=size, member_mode=args.member,
                                styles=args.styles, seed=seed, batch=args.batch, workers=args.workers,
                                save_masks=args.save_masks, grid=args.grid, input_dim=gens.input_dim,
-                               progress=not args.quiet, face_crop=args.face_crop)
+                               progress=not args.quiet, face_crop=args.face_crop,
+                               fit=args.fit)
     except OSError as e:  # the output folder or the contact sheet cannot be written
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FATAL

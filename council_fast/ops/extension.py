@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from .build_progress import announced_build
+
 __all__ = ["BackendUnavailable", "load_extension", "kernels", "cached_build", "csrc_dir", "wait_for_build_lock",
            "build_lock", "CUDA_FLAGS", "NAMESPACES"]
 
@@ -113,7 +115,9 @@ def _build(kind: str, verbose: bool):
     kwargs = dict(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp"], verbose=verbose)
     if kind == "cuda":
         kwargs["extra_cuda_cflags"] = CUDA_FLAGS
-    with build_lock(name):
+    build_dir = cpp_extension._get_build_directory(name, verbose=False)
+    with build_lock(name), announced_build(name, sources, build_dir,
+                                           f"for the {kind} kernel back-end (first use of these sources)"):
         return cpp_extension.load(**kwargs)
 
 
