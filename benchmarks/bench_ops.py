@@ -65,7 +65,7 @@ def test_reference_translate(benchmark, generator, batch):
 
 
 def test_fused_generator_translate(benchmark, generator, batch):
-    fast_generator = pytest.importorskip("council_fast.fast_generator")
+    fast_generator = pytest.importorskip("council_fast.lowering")
     fused = fast_generator.FastGenerator(CONFIG["input_dim_b"], CONFIG["gen"])
     fused.load_state_dict(generator.state_dict())
     fused = fused.to(DEVICE).eval()

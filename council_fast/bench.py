@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from .cuda_graphs import GraphedCall
+from .training import make_trainer
 from .convert import PRECISIONS, ConvertError, autocast_context, check_precision, fast_generator_class, \
     resolve_device
 
@@ -399,48 +400,22 @@ def _measure_interleaved(built: list, warmup: int, repeats: int, images: int) ->
 
 # --------------------------------------------------------------------------- bench train
 
-# A fused training engine is driven exactly like the reference one when it offers the same API:
-# ``Trainer(config, device=..., seed=...)``, an ``iteration`` attribute and ``step(x_a, x_b)``.
-FUSED_TRAINERS = (("council_fast.fused_trainer", "FusedCouncilTrainer"),)
-
-
-def _trainer_class(engine: str):
-    import importlib
-
-    if engine == REFERENCE:
-        try:
-            from .trainer import CouncilTrainer
-        except ImportError as e:
-            raise ImportError(f"reference trainer not available (council_fast.trainer: {e})") from None
-        return CouncilTrainer
-    reasons = []
-    for module_name, class_name in FUSED_TRAINERS:
-        try:
-            return getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError) as e:
-            reasons.append(f"{module_name}.{class_name}: {e}")
-    raise ImportError("fused training engine not available yet (" + "; ".join(reasons) + ")")
-
-
 def _trainer_step(engine: str, config: dict, device: torch.device, batch: int, size: int, seed: int,
                   precision: str):
-    """A callable running one training iteration of ``engine``; ImportError when it does not exist.
+    """A callable running one training iteration of ``engine`` (built by :func:`make_trainer`).
 
-    A trainer that takes a ``precision`` argument handles it itself (fp32 master weights);
-    otherwise its step runs under autocast. FUSED_GRAPHED: the fused engine with CUDA graphs (strict:
-    a failed capture fails the row instead of timing the eager fallback).
+    The fused engine handles ``precision`` itself (fp32 master weights); the reference engine's step
+    runs under autocast. FUSED_GRAPHED: the fused engine with CUDA graphs (strict: a failed capture
+    fails the row instead of timing the eager fallback).
     """
-    import inspect
-
-    cls = _trainer_class(REFERENCE if engine == REFERENCE else FUSED)
     config = dict(config)
     config["batch_size"] = batch
     config["crop_image_height"] = config["crop_image_width"] = size
-    extra = {"cuda_graphs": True, "strict": True} if engine == FUSED_GRAPHED else {}
-    if "precision" in inspect.signature(cls).parameters:
-        trainer, outer = cls(config, device=device, seed=seed, precision=precision, **extra), "fp32"
+    if engine == REFERENCE:
+        trainer, outer = make_trainer(config, "reference", device=device, seed=seed), precision
     else:
-        trainer, outer = cls(config, device=device, seed=seed, **extra), precision
+        extra = {"cuda_graphs": True, "strict": True} if engine == FUSED_GRAPHED else {}
+        trainer, outer = make_trainer(config, "fused", device=device, seed=seed, precision=precision, **extra), "fp32"
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x_a = (torch.rand(batch, config["input_dim_a"], size, size, generator=gen) * 2 - 1).to(device)
     x_b = (torch.rand(batch, config["input_dim_b"], size, size, generator=gen) * 2 - 1).to(device)
@@ -467,7 +442,7 @@ def bench_train(config: dict, device, precision: str = "fp32", batch: int | None
         row = BenchRow(name, engine)
         try:
             step = _trainer_step(engine, config, device, batch, size, seed, precision)
-        except ImportError as e:
+        except NotImplementedError as e:  # the fused engine does not cover this config
             row.status, row.reason = "not available", str(e)
             rows.append(row)
             continue

@@ -180,10 +180,10 @@ def _names_an_input(root: str, rel: str, members: Sequence[int], styles: int, in
 def fast_generator_class():
     """The fused engine's FastGenerator class; raises ConvertError saying why it is unavailable."""
     try:
-        from .fast_generator import FastGenerator
+        from .lowering import FastGenerator
     except ImportError as e:
         raise ConvertError(f"the fused engine is not available in this build "
-                           f"(council_fast.fast_generator cannot be imported: {e})") from None
+                           f"(council_fast.lowering cannot be imported: {e})") from None
     return FastGenerator
 
 

@@ -38,6 +38,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import ConfigError, load_config
+from .lowering import meta_template, normalised_bias_keys
+from .reference import AdaINGen
+from .training import CouncilTrainer, FusedCouncilTrainer, why_not_fused
+
 TOLERANCES = {"fp32": 1e-4, "bf16": 2e-2}
 # A normalised-away bias's gradient counts as zero below this fraction of its network's largest gradient.
 DEAD_GRADIENT_FRACTION = 1e-5
@@ -68,11 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def dead_parameter_keys(config: dict) -> set[str]:
     """Official keys of the generator's normalised-away biases."""
-    from .batched import normalised_bias_keys
-    from .reference import AdaINGen
-    with torch.device("meta"):
-        template = AdaINGen(3, dict(config["gen"]))
-    return set(normalised_bias_keys(template))
+    return set(normalised_bias_keys(meta_template(lambda: AdaINGen(3, dict(config["gen"])))))
 
 
 class GradientRecorder:
@@ -84,7 +85,7 @@ class GradientRecorder:
     def __init__(self, trainer):
         self.grads: dict[tuple, torch.Tensor] = {}
         self._handles = []
-        if getattr(trainer, "fallback", None) == []:
+        if isinstance(trainer, FusedCouncilTrainer):
             self._attach_fused(trainer)
         else:
             self._attach_reference(trainer)
@@ -303,10 +304,6 @@ def _print(comparison: Comparison, verbose: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_config
-    from .fused_trainer import FusedCouncilTrainer
-    from .trainer import CouncilTrainer
-
     if args.device == "cuda" and not torch.cuda.is_available():
         print("council-fast parity: error: --device cuda: no CUDA device is available", file=sys.stderr)
         return 2
@@ -326,11 +323,13 @@ def run(args: argparse.Namespace) -> int:
     size = args.size or config["crop_image_height"]
     if before_iter >= start:
         print(f"note: --iters-before {before_iter} is not before council_start_at_iter ({start})")
+    reasons = why_not_fused(config)
+    if reasons:
+        print("council-fast parity: error: the fused engine does not implement " + "; ".join(reasons)
+              + " (the reference engine runs this config: nothing to compare)", file=sys.stderr)
+        return 2
     reference = CouncilTrainer(config, args.device, seed=args.seed)
     fused = FusedCouncilTrainer(config, args.device, seed=args.seed, precision=args.precision)
-    if fused.fallback:
-        print("note: the fused engine runs the reference step for this config (" + "; ".join(fused.fallback)
-              + "): the comparison below checks that path")
     x_a, x_b = synthetic_batch(config, batch, size, args.seed, args.device)
     dead = dead_parameter_keys(config)
     init = Comparison("initial weights")

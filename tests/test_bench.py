@@ -83,9 +83,9 @@ def test_bench_convert_fused_column(tmp_path, monkeypatch):
 
         def __init__(self, input_dim, params, backend=None, strict=None):
             super().__init__(input_dim, params)
-    module = type(sys)("council_fast.fast_generator")
+    module = type(sys)("council_fast.lowering")
     module.FastGenerator = FakeFast
-    monkeypatch.setitem(sys.modules, "council_fast.fast_generator", module)
+    monkeypatch.setitem(sys.modules, "council_fast.lowering", module)
     status, report, _ = run_bench(tmp_path, "convert", "--batch", "2", "--size", "16", "--repeats", "2",
                                   "--warmup", "1", "--no-compile")
     assert status == 0

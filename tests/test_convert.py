@@ -405,7 +405,7 @@ def test_option_errors(tmp_path, images, ckpt, capsys):
 
 
 def test_explicit_fused_backend_without_fused_engine(tmp_path, images, ckpt, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "council_fast.fast_generator", None)  # import now fails
+    monkeypatch.setitem(sys.modules, "council_fast.lowering", None)  # import now fails
     assert run_convert("--config", "tiny", "--checkpoint", ckpt["member3"], "--input", str(images),
                        "--output", str(tmp_path / "o"), "--backend", "cpu") == 2
     assert "fused engine is not available" in capsys.readouterr().err
@@ -437,9 +437,9 @@ class TranslateOnlyGenerator(AdaINGen):
 
 @pytest.fixture()
 def fake_fused(monkeypatch):
-    module = type(sys)("council_fast.fast_generator")
+    module = type(sys)("council_fast.lowering")
     module.FastGenerator = TranslateOnlyGenerator
-    monkeypatch.setitem(sys.modules, "council_fast.fast_generator", module)
+    monkeypatch.setitem(sys.modules, "council_fast.lowering", module)
     TranslateOnlyGenerator.instances = 0
     return TranslateOnlyGenerator
 

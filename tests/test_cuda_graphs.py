@@ -9,7 +9,7 @@ from _backends import CPU_AND_CUDA, HAS_CUDA
 from _graph_emulator import RecordingCapturer
 from council_fast.convert import ConvertError, Converter, add_arguments
 from council_fast.cuda_graphs import CudaGraphError, GraphedCall
-from council_fast.fast_generator import FastGenerator
+from council_fast.lowering import FastGenerator
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a CUDA device; this machine has none")
 

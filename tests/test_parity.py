@@ -6,7 +6,8 @@ import argparse
 import pytest
 import torch
 
-from council_fast import fused_trainer, parity
+from council_fast import parity
+from council_fast.training import fused as fused_trainer
 from council_fast.parity import compare_iteration
 
 torch.set_num_threads(2)

@@ -11,7 +11,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS = {
     "demo": ("council_fast.demo", "train a tiny council on built-in synthetic data, then convert with it"),
-    "train": ("council_fast.trainer", "train a council (reference or fused engine) on an official data folder"),
+    "train": ("council_fast.cli.train", "train a council (reference or fused engine) on an official data folder"),
     "convert": ("council_fast.convert", "translate image files or folders with trained generators"),
     "parity": ("council_fast.parity", "check that the fused training engine reproduces the reference iteration"),
     "bench": ("council_fast.bench", "benchmark reference eager, torch.compile and the fused engine"),
@@ -22,7 +22,7 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="council-fast",
                                      description="council-fast: fast, faithful Council-GAN training and conversion.")
-    from . import __version__
+    from .. import __version__
     parser.add_argument("--version", action="version", version=f"council-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
