@@ -1,8 +1,8 @@
-"""`python -m council_fast.ops.compile_check`: its reading of ptxas's resource report (CI runs the nvcc
+"""`python -m council_fast.devtools.compile_check`: its reading of ptxas's resource report (CI runs the nvcc
 compile itself, which takes minutes)."""
 from __future__ import annotations
 
-from council_fast.ops.compile_check import parse_ptxas_report, report_resources
+from council_fast.devtools.compile_check import parse_ptxas_report, report_resources
 
 PTXAS = """ptxas info    : 0 bytes gmem
 ptxas info    : Compiling entry function '_ZN12_GLOBAL__N_115backward_kernelILi0ELi0EEEvPKfS2_PKvS2_S2_S2_S2_S2_S2_S4_PvS5_NS_5ShapeElNS_6PixelsES7_S7_S7_NS_7BuffersE' for 'sm_90'

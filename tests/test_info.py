@@ -1,6 +1,8 @@
 """`council-fast info`: versions and, without building anything, which kernel back-ends can run."""
 from __future__ import annotations
 
+import pytest
+
 from council_fast.cli import main
 from council_fast.ops import _backend
 
@@ -57,3 +59,54 @@ def test_commands_let_cudnn_pick_the_fastest_algorithms(monkeypatch, capsys):
     monkeypatch.delenv("COUNCIL_FAST_CUDNN_BENCHMARK")
     assert main(["info"]) == 0
     assert torch.backends.cudnn.benchmark is True
+
+
+def test_a_failed_build_is_recorded_and_not_retried(monkeypatch, tmp_path):
+    """The first process whose build fails records the error; later ones fail at once with it."""
+    import os
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    with pytest.raises(RuntimeError, match="nvcc exploded"):
+        with _backend.build_lock("some_build"):
+            raise RuntimeError("nvcc exploded")
+    marker = tmp_path / "some_build" / _backend.FAILED_MARKER
+    assert "nvcc exploded" in marker.read_text()
+    with pytest.raises(_backend.BackendUnavailable, match=r"earlier build of some_build failed .*nvcc exploded"):
+        with _backend.build_lock("some_build"):
+            raise AssertionError("a recorded failure must not build again")
+    hour_ago = time.time() - _backend.FAILED_BUILD_RETRY_AFTER_S - 1
+    os.utime(marker, (hour_ago, hour_ago))
+    with _backend.build_lock("some_build"):
+        pass  # an hour later (or once the record is deleted) it builds again
+    assert not marker.exists()
+
+
+def test_a_killed_builder_does_not_block_the_next(monkeypatch, tmp_path):
+    """A live builder is waited for; once it dies (killed mid-build), its leftover lock files are taken over."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time\n"
+        "from council_fast.ops import _backend\n"
+        "with _backend.build_lock('some_build'):\n"
+        "    open(os.path.join(sys.argv[1], 'some_build', 'lock'), 'w').close()  # as torch's build would\n"
+        "    print('building', flush=True)\n"
+        "    time.sleep(600)\n"), str(tmp_path)], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)})
+    try:
+        assert holder.stdout.readline().strip() == "building"
+        with pytest.raises(_backend.BackendUnavailable, match="waited 0 minutes for the build of some_build"):
+            with _backend.build_lock("some_build", timeout_s=0.3, poll_s=0.05):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    start = time.time()
+    with _backend.build_lock("some_build"):
+        assert not (tmp_path / "some_build" / "lock").exists()  # torch's lock of the killed build: removed
+    assert time.time() - start < 5

@@ -13,7 +13,7 @@ from council_fast.ops import decoder_tail as tail_mod
 from council_fast.ops._backend import BackendUnavailable
 from council_fast.ops.decoder_tail import decoder_tail, decoder_tail_reference
 from council_fast.reference.networks import blend_with_masks
-from _backends import FUSED, device_for, require_backend
+from _backends import FUSED, HAS_CUDA, device_for, require_backend
 
 # (batch, dim, H, W, output_dim, num_masks, channels_last): odd sizes, dim 19 (no block multiple).
 # (batch, dim, H, W, output_dim, num_masks, channels_last); the last: more masks than channels
@@ -104,7 +104,7 @@ def test_triton_backward_too_big_for_the_gpu_says_what_to_use(monkeypatch):
             return launch
 
     monkeypatch.setattr(tail_mod, "_backward_kernel", SmallGpu())
-    tensors, (g_out, _) = _inputs(1, 19, 5, 7, 3, 3, False, torch.float32, "cpu")
+    tensors, (g_out, _) = _inputs(1, 19, 5, 7, 3, 3, False, torch.float32, device_for("triton"))
     leaves = [t.clone().requires_grad_() for t in tensors]
     out, _ = decoder_tail(*leaves, 3, backend="triton")
     with pytest.raises(BackendUnavailable, match=r"does not fit this GPU .*use the cuda back-end or bf16"):
@@ -113,8 +113,35 @@ def test_triton_backward_too_big_for_the_gpu_says_what_to_use(monkeypatch):
 
 def test_wide_tail(backend):
     """dim 97: on CUDA the fp32 weights (75 KB) take more than the 48 KB of shared memory a kernel gets
-    without opting in (cudaFuncSetAttribute)."""
+    without opting in (cudaFuncSetAttribute). Triton tiles it as 128 channels: its fp32 backward then needs
+    more shared memory than any GPU gives a block (489 KB compiled for sm_90), which a GPU refuses at once,
+    before compiling, with the error that names what fits; the interpreter runs it all."""
+    if backend == "triton" and HAS_CUDA and not tail_mod.triton_interpreted():
+        with pytest.raises(BackendUnavailable, match=r"does not fit this GPU .*128-channel tiles.*use the cuda "
+                                                     r"back-end or bf16"):
+            _compare(backend, (1, 97, 3, 5, 3, 2, False))  # the forward is compared before the backward refuses
+        return
     _compare(backend, (1, 97, 3, 5, 3, 2, False))
+
+
+def test_triton_backward_refuses_tiles_over_the_gpu_limit_before_compiling(monkeypatch):
+    """The floor of the backward's shared memory against a GPU's limit (an H100/H200's 227 KB here)."""
+    require_backend("triton")
+    monkeypatch.setattr(tail_mod, "_shared_limit", lambda device: 227 * 1024)
+    assert tail_mod.backward_shared_floor(64, torch.float32) <= 227 * 1024 < tail_mod.backward_shared_floor(
+        128, torch.float32)
+
+    class NoCompile:
+        def __getitem__(self, grid):
+            raise AssertionError("the kernel must not be compiled or launched")
+
+    monkeypatch.setattr(tail_mod, "_backward_kernel", NoCompile())
+    tensors, (g_out, _) = _inputs(1, 97, 3, 5, 3, 2, False, torch.float32, device_for("triton"))
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    out, _ = decoder_tail(*leaves, 2, backend="triton")
+    with pytest.raises(BackendUnavailable, match=r"dim 97\) does not fit this GPU \(its 128-channel tiles need at "
+                                                 r"least 256 KB of shared memory, a block gets 227 KB\)"):
+        out.backward(g_out)
 
 
 @pytest.mark.parametrize("name", [pytest.param("cuda", marks=pytest.mark.gpu), "cuda-emulated"])

@@ -26,6 +26,8 @@ from council_fast.parity import dead_parameter_keys, synthetic_batch
 SIZE = 32
 COUNCIL_START = 5  # iterations 0-1 warm up, 2 is captured, 2-4 replay; 5-6 warm up, 7 captured, 7-9 replay
 ITERATIONS = 10
+# capturable fp32 Adam vs plain fp32 Adam, both against float64 Adam: their error ratio measured 1.0-1.6 (6 seeds)
+ADAM_FACTOR = 4.0
 
 
 @pytest.fixture
@@ -148,12 +150,34 @@ def test_emulated_graphs_stay_exact_with_work_between_steps(config, capturable_a
 
 
 def test_emulated_graphs_stay_within_parity_of_the_plain_engine(config, capturable_adam_on_cpu):
-    graphed = FusedCouncilTrainer(config, "cpu", seed=3, cuda_graphs=True, graph_capturer=RecordingCapturer(),
-                                  strict=True)
-    # capturable Adam's device-side bias corrections round differently; over 10 steps that moved one
-    # update by 2.6e-3 norm-wise (the graph itself is exact: test above)
-    _run_side_by_side(config, FusedCouncilTrainer(config, "cpu", seed=3), graphed, _batches(config, "cpu"),
-                      tol=(1e-4, 1e-2))
+    """The graphed engine is its capturable-Adam eager twin bit for bit (the tests above); the twin differs from
+    the plain engine only in Adam: capturable Adam computes its bias corrections in fp32 tensors, plain Adam in
+    float64 on the host. Over training steps a GAN turns any rounding difference into chaotic divergence, so
+    engines side by side could only pass by luck; the one difference is bounded here instead, on the config's
+    Adam settings, against a float64 yardstick: capturable Adam in fp32 may be at most ADAM_FACTOR times as far
+    from float64 Adam as plain fp32 Adam is. A wrong bias correction is off by a share of lr per step,
+    ~1e3 times that."""
+    settings = dict(lr=config["lr"], betas=(config["beta1"], config["beta2"]), weight_decay=config["weight_decay"])
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(4096, generator=gen, dtype=torch.float64) * 0.1
+    # gradients from large to the rounding floor (as the normalised-away biases get), one set per step
+    scales = torch.logspace(-12, 0, 4096, dtype=torch.float64)
+    grads = [torch.randn(4096, generator=gen, dtype=torch.float64) * scales for _ in range(ITERATIONS)]
+
+    def run(dtype, capturable):
+        p = torch.nn.Parameter(start.to(dtype).clone())
+        opt = torch.optim.Adam([p], capturable=capturable, **settings)
+        for g in grads:
+            p.grad = g.to(dtype)
+            opt.step()
+        return p.detach().double()
+
+    truth = run(torch.float64, False)
+    plain = (run(torch.float32, False) - truth).abs().max().item()
+    capturable = (run(torch.float32, True) - truth).abs().max().item()
+    assert 0 < plain, "the yardstick must measure fp32 rounding"
+    assert capturable <= ADAM_FACTOR * plain, (capturable, plain)
+    assert ADAM_FACTOR * plain < 1e-2 * settings["lr"]  # far below what a wrong bias correction moves
 
 
 def test_loading_a_state_drops_the_graphs(config, capturable_adam_on_cpu, tmp_path):

@@ -1,4 +1,4 @@
-"""`python -m council_fast.ops.triton_check`: the Triton kernels compiled for a GPU, without one.
+"""`python -m council_fast.devtools.triton_check`: the Triton kernels compiled for a GPU, without one.
 
 The test session runs Triton under its interpreter (TRITON_INTERPRET=1), where kernels cannot be
 compiled for a GPU, so each check runs in a fresh process without it.
@@ -19,13 +19,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def _run(args, timeout=900):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(HERE), env.get("PYTHONPATH")]))  # this tree's
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=HERE,
                           timeout=timeout)
 
 
 def test_engine_kernels_compile_for_sm90():
     """Every launch of the tiny config's conversion and training passes compiles for an H100."""
-    result = _run(["-m", "council_fast.ops.triton_check", "--arch", "90", "--config", "tiny", "--size", "24",
+    result = _run(["-m", "council_fast.devtools.triton_check", "--arch", "90", "--config", "tiny", "--size", "24",
                    "--train-size", "16"])
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("sm_90")]
@@ -37,7 +38,7 @@ def test_engine_kernels_compile_for_sm90():
 def test_a_kernel_over_the_shared_memory_limit_fails_the_check():
     script = textwrap.dedent("""
         import sys, torch
-        from council_fast.ops.triton_check import check, describe_launch
+        from council_fast.devtools.triton_check import check, describe_launch
         from _triton_big_tiles import tile_dot_kernel
         t = torch.zeros(128, 128)
         launch = describe_launch(tile_dot_kernel, (t, t, t), {"BLOCK": 128, "num_warps": 4})

@@ -16,10 +16,12 @@ or ``(council_fast_cuda, m)`` and are then called as ``torch.ops.council_fast_cp
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import glob
 import hashlib
 import os
+import socket
 import sys
 import threading
 import time
@@ -28,7 +30,7 @@ import warnings
 import torch
 
 __all__ = ["BACKENDS", "BackendUnavailable", "resolve_backend", "load_extension", "cached_build", "triton_available",
-           "triton_interpreted", "strict_mode", "csrc_dir", "wait_for_build_lock"]
+           "triton_interpreted", "strict_mode", "csrc_dir", "wait_for_build_lock", "build_lock"]
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 # No --use_fast_math: it turns tanhf into tanh.approx.f32 (~5e-4 relative error), far outside the
@@ -129,11 +131,11 @@ def _build(kind: str, verbose: bool):
         pass
     from torch.utils import cpp_extension
     name, sources, cflags = _build_spec(kind)
-    wait_for_build_lock(name)
     kwargs = dict(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=["-fopenmp"], verbose=verbose)
     if kind == "cuda":
         kwargs["extra_cuda_cflags"] = CUDA_FLAGS
-    return cpp_extension.load(**kwargs)
+    with build_lock(name):
+        return cpp_extension.load(**kwargs)
 
 
 def _build_spec(kind: str) -> tuple[str, list[str], list[str]]:
@@ -171,6 +173,68 @@ def wait_for_build_lock(name: str, stale_after_s: float = 1800.0, poll_s: float 
             raise BackendUnavailable(f"{lock} is {age / 60:.0f} minutes old: a build of {name} was interrupted; "
                                      "delete that file and try again")
         time.sleep(poll_s)
+
+
+FAILED_MARKER = "council_fast.failed"  # in the build folder: the error of a failed build of these exact sources
+FAILED_BUILD_RETRY_AFTER_S = 3600.0  # a recorded failure older than this is built again
+
+
+@contextlib.contextmanager
+def build_lock(name: str, timeout_s: float = 1800.0, poll_s: float = 1.0):
+    """Runs the build of ``name`` holding an exclusive flock on its build folder.
+
+    The kernel drops an flock when its holder dies, so a killed build never blocks the next one; holding
+    it, torch's own ``lock`` file can only be a killed build's leftover, and is removed. A build that
+    fails records its error in FAILED_MARKER (the folder is keyed by the hash of the sources, flags and
+    torch version): every later process fails at once with that error instead of building again, until
+    the file is deleted or is an hour old (a failure can be passing: a compiler killed for memory)."""
+    from torch.utils import cpp_extension
+
+    folder = cpp_extension._get_build_directory(name, verbose=False)
+    failed = os.path.join(folder, FAILED_MARKER)
+    with open(os.path.join(folder, "council_fast.lock"), "a+") as handle:
+        _flock(handle, name, timeout_s, poll_s)
+        if os.path.exists(failed) and time.time() - os.path.getmtime(failed) > FAILED_BUILD_RETRY_AFTER_S:
+            os.remove(failed)  # an old failure (a compiler killed for memory, say) is tried again
+        if os.path.exists(failed):
+            with open(failed) as f:
+                raise BackendUnavailable(f"an earlier build of {name} failed (recorded in {failed}; delete that "
+                                         f"file to build again): {f.read()}")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, "lock"))  # torch's lock, left by a killed build
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        try:
+            yield
+        except Exception as e:
+            _write_atomic(failed, f"{type(e).__name__}: {str(e)[-4000:]}")
+            raise
+
+
+def _flock(handle, name: str, timeout_s: float, poll_s: float) -> None:
+    start = time.time()
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        if time.time() - start > timeout_s:
+            raise BackendUnavailable(f"waited {timeout_s / 60:.0f} minutes for the build of {name} by another "
+                                     f"process ({handle.name}: {open(handle.name).read().strip()})")
+        if time.time() - start < poll_s:
+            print(f"council-fast: waiting for another process building {name} ({handle.name})", file=sys.stderr,
+                  flush=True)
+        time.sleep(poll_s)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def cached_build(kind: str) -> str | None:

@@ -360,11 +360,39 @@ def _block_p(h):
 
 
 def _backward_block_p(h):
-    # Pixels per step of the backward on a GPU. Compiled for sm_90 (Triton 3.9, `python -m
-    # council_fast.ops.triton_check`), fp32 at 64: a 9.8 KB stack per thread and 186 KB of shared
-    # memory, more than an A100 has; at 32: 0.9 KB and 146 KB (bf16: 48 B and 78 KB). The fp32 weight
-    # tiles dominate: even 16 pixels need 127 KB, over the 99 KB of sm_86/89.
-    return 16 if triton_interpreted() else 32
+    # Pixels per step of the backward on a GPU. Compiled for sm_90 (`python -m council_fast.devtools.triton_check`),
+    # fp32 at 32 pixels: Triton 3.9 gives 255 registers and a 0.9 KB stack, Triton 3.6 (the GPU machine's)
+    # 32 registers and a 4.3 KB stack, both spilling; at 16 pixels 255 registers, 130 KB of shared memory
+    # and no spill stores under either. bf16 at 32: 78 KB. The fp32 weight tiles dominate: even 16 pixels need
+    # 127 KB, over the 99 KB of sm_86/89.
+    if triton_interpreted():
+        return 16
+    return 16 if h.dtype == torch.float32 else 32
+
+
+def backward_shared_floor(block_d, dtype):
+    """Shared memory the Triton backward needs at least, in bytes: the w1 and w2 tiles (BLOCK_D x BLOCK_D, in
+    the weights' dtype) and their fp32 gradient sums, which the kernel keeps through its pixel loop, staged for
+    its dots. A floor, checked against every compile of `council_fast.devtools.triton_check` (fp32 at dim 64:
+    64 KB of 130 KB); at dim 65-128 in fp32 it is 256 KB, over every GPU's limit (489 KB compiled)."""
+    return 2 * block_d * block_d * (torch.finfo(dtype).bits // 8 + 4)
+
+
+def _shared_limit(device):
+    """Shared memory a block may opt in to on ``device`` (bytes); None when the kernels are not compiled for it."""
+    if triton_interpreted() or device.type != "cuda":
+        return None
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+
+
+def _check_backward_fits(h, block_d):
+    """Refuses, before a long compile that would fail, a backward whose tiles cannot fit this GPU."""
+    limit = _shared_limit(h.device)
+    floor = backward_shared_floor(block_d, h.dtype)
+    if limit is not None and floor > limit:
+        raise BackendUnavailable(f"decoder_tail triton backward ({h.dtype}, dim {h.shape[1]}) does not fit this GPU "
+                                 f"(its {block_d}-channel tiles need at least {floor // 1024} KB of shared memory, "
+                                 f"a block gets {limit // 1024} KB); use the cuda back-end or bf16")
 
 
 @triton_launch
@@ -384,6 +412,8 @@ def _triton_backward(grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3, images, nu
     hw = height * width
     n_raw = w3.shape[0]
     block_p = _backward_block_p(h)
+    sizes = _triton_sizes(h, images, w3, num_masks)
+    _check_backward_fits(h, sizes["BLOCK_D"])
     blocks_per_image = triton.cdiv(hw, block_p)
     total = blocks_per_image * batch
     programs = min(total, 4 * torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 4)
@@ -395,7 +425,7 @@ def _triton_backward(grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3, images, nu
             grad_out, gmask, h, w1, b1, w2, b2, w3, b3, images, grad_h, grad_img, *partials,
             hw, dim, n_raw, blocks_per_image, total, *_pixel_strides(h), *_pixel_strides(images),
             *_pixel_strides(grad_h), *_pixel_strides(grad_img), HAS_GMASK=grad_masks is not None,
-            BLOCK_P=block_p, **_triton_sizes(h, images, w3, num_masks), num_warps=4 if triton_interpreted() else 8)
+            BLOCK_P=block_p, **sizes, num_warps=4 if triton_interpreted() else 8)
     except OutOfResources as e:  # e.g. fp32 on sm_86/89: see _backward_block_p
         raise BackendUnavailable(f"decoder_tail triton backward ({h.dtype}, dim {dim}) does not fit this GPU ({e}); "
                                  "use the cuda back-end or bf16") from e

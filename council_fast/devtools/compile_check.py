@@ -1,6 +1,6 @@
 """Compile every CUDA kernel source for the given architectures, without a GPU.
 
-``python -m council_fast.ops.compile_check --arch 80 90`` runs nvcc on each csrc/*_cuda.cu with
+``python -m council_fast.devtools.compile_check --arch 80 90`` runs nvcc on each csrc/*_cuda.cu with
 torch's include paths and ABI flags, exactly as the JIT build would, and exits non-zero on the
 first error. CI uses it to keep the CUDA kernels compiling on machines that cannot run them. It
 also prints what ptxas reports per architecture (registers, stack frames) and names every kernel
@@ -18,7 +18,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from ._backend import csrc_dir
+from ..ops._backend import csrc_dir
 
 
 def cuda_include_dir() -> str:
@@ -48,7 +48,7 @@ def nvcc_command(source: str, archs: list[str], output: str, extra_includes: tup
     includes = (cpp_extension.include_paths() + [cuda_include_dir(), sysconfig.get_paths()["include"]]
                 + list(extra_includes))
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    from ._backend import CUDA_FLAGS
+    from ..ops._backend import CUDA_FLAGS
     # torch's own nvcc flags (it defines __CUDA_NO_HALF_OPERATORS__ and friends) plus ours, as the JIT build
     cmd = (["nvcc", *CUDA_FLAGS, "-c", source, "-o", output,
             "-DTORCH_EXTENSION_NAME=council_fast_cuda_check", "-DTORCH_API_INCLUDE_EXTENSION_H",
@@ -75,7 +75,7 @@ def parse_ptxas_report(text: str) -> list[KernelResources]:
     current: KernelResources | None = None
     properties_of: str | None = None  # the function a "Function properties" block describes
     for line in text.splitlines():
-        entry = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line)
+        entry = re.search(r"Compiling entry function '(\S+)' for '(sm_\w+)'", line)
         if entry:
             current = KernelResources(entry.group(1), entry.group(2))
             kernels.append(current)

@@ -1,6 +1,6 @@
 """Compile the Triton kernels for a GPU, without one.
 
-``python -m council_fast.ops.triton_check --arch 80 90`` runs the fused generators on CPU tensors
+``python -m council_fast.devtools.triton_check --arch 80 90`` runs the fused generators on CPU tensors
 (conversion in fp32, bf16 and fp16; training passes in fp32 and bf16 autocast) with every Triton
 launch recorded instead of run, then compiles each distinct launch (kernel, argument types,
 constexprs, warps) for each architecture with Triton's own compiler and ptxas, as the first launch
@@ -25,6 +25,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+
+from ..ops import decoder_tail
+from .compile_check import parse_ptxas_report
 
 # Shared memory a block may use (opt-in maximum), per architecture (CUDA programming guide).
 SHARED_LIMIT = {"70": 96 * 1024, "75": 64 * 1024, "80": 163 * 1024, "86": 99 * 1024, "87": 163 * 1024,
@@ -142,7 +145,7 @@ class Recorder:
 
 def _route_triton_to_cpu():
     """Lets the triton back-end be chosen for CPU tensors (its kernels are only recorded)."""
-    from . import _backend
+    from ..ops import _backend
 
     real = _backend._why_unavailable
 
@@ -233,6 +236,29 @@ def resource_usage(cubin: bytes, folder: str) -> dict:
     return usage
 
 
+def _ptxas(target: str) -> str:
+    """The ptxas this Triton compiles with for ``target`` (Triton 3.9 uses a newer one for its PTX)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(int(re.sub(r"\D", "", target))).path
+    except (ImportError, AttributeError, TypeError):
+        return _tool("ptxas")
+
+
+def spill_stores(ptx: str, folder: str) -> int | None:
+    """Bytes of spill stores, from ``ptxas -v`` on the kernel's PTX (as Triton runs ptxas: for the PTX's own
+    target, FMA fusion on); None where ptxas says nothing."""
+    target = re.search(r"^\.target\s+(\S+)", ptx, re.M)
+    path = os.path.join(folder, "kernel.ptx")
+    with open(path, "w") as f:
+        f.write(ptx)
+    cmd = [_ptxas(target.group(1) if target else "sm_90a"), "-v", "-lineinfo", f"--gpu-name={target.group(1) if target else 'sm_90a'}", path,
+           "-o", os.path.join(folder, "ptxas.cubin")]
+    report = subprocess.run(cmd, capture_output=True, text=True)
+    kernels = parse_ptxas_report(report.stdout + report.stderr)
+    return sum(k.spill_stores for k in kernels) if kernels else None
+
+
 @dataclass
 class Compiled:
     launch: Launch
@@ -268,31 +294,61 @@ def compile_launch(launch: Launch, arch: str, folder: str) -> Compiled:
     except Exception as e:  # noqa: BLE001 - every compiler failure is reported the same way
         return Compiled(launch, arch, time.time() - start, error=f"{type(e).__name__}: {str(e)[-1500:]}")
     usage = resource_usage(kernel.asm["cubin"], folder) if "cubin" in kernel.asm else {}
+    if "ptx" in kernel.asm:
+        usage["SPILL"] = spill_stores(kernel.asm["ptx"], folder)
     return Compiled(launch, arch, time.time() - start, shared=int(kernel.metadata.shared), usage=usage)
 
 
-def check(launches: dict, archs: list[str], out=sys.stdout) -> int:
-    """Compiles every launch for every arch; returns the number of failures."""
+def check(launches: dict, archs: list[str], out=sys.stdout, max_spill: int | None = None) -> int:
+    """Compiles every launch for every arch; returns the number of failures: compile errors, shared memory
+    over the GPU's limit and, with ``max_spill``, kernels with more bytes of spill stores than that. Names
+    every kernel that spills at the end."""
     import tempfile
 
     failures = 0
+    spilling = []
     with tempfile.TemporaryDirectory() as folder:
         for arch in archs:
-            limit = SHARED_LIMIT[arch]
             for launch in launches.values():
                 result = compile_launch(launch, arch, folder)
-                if result.error:
-                    failures += 1
-                    print(f"sm_{arch} FAIL {launch.describe()}\n  {result.error}", file=out, flush=True)
-                    continue
-                too_big = result.shared > limit
-                failures += too_big
-                u = result.usage
-                print(f"sm_{arch} {'FAIL' if too_big else 'ok  '} {launch.describe()}: shared {result.shared} B"
-                      f"{f' > {limit}' if too_big else ''}, {u.get('REG', '?')} registers, "
-                      f"{u.get('STACK', '?')} B stack (spills), {result.seconds:.1f} s, launched {launch.count}x",
-                      file=out, flush=True)
+                failures += _report(result, SHARED_LIMIT[arch], max_spill, out)
+                if result.usage.get("SPILL"):
+                    spilling.append(f"sm_{arch} {launch.describe()}: {result.usage['SPILL']} B spill stores, "
+                                    f"{result.usage.get('STACK', '?')} B stack, {result.usage.get('REG', '?')} "
+                                    "registers")
+    import triton
+    print(f"kernels that spill (triton {triton.__version__}): {len(spilling)}"
+          + "".join(f"\n  SPILLS {line}" for line in spilling), file=out, flush=True)
     return failures
+
+
+def _report(result: Compiled, limit: int, max_spill: int | None, out) -> int:
+    """Prints one compile's line; returns 1 when it counts as a failure."""
+    launch, arch = result.launch, result.arch
+    if result.error:
+        print(f"sm_{arch} FAIL {launch.describe()}\n  {result.error}", file=out, flush=True)
+        return 1
+    u = result.usage
+    too_big = result.shared > limit
+    spills = max_spill is not None and (u.get("SPILL") or 0) > max_spill
+    floor = _shared_floor(launch)
+    floor_wrong = floor is not None and floor > result.shared  # the op would refuse a kernel that fits
+    print(f"sm_{arch} {'FAIL' if too_big or spills or floor_wrong else 'ok  '} {launch.describe()}: shared "
+          f"{result.shared} B{f' > {limit}' if too_big else ''}"
+          f"{f' < the floor the op assumes, {floor} B' if floor_wrong else ''}, {u.get('REG', '?')} registers, "
+          f"{u.get('STACK', '?')} B stack, {u.get('SPILL', '?')} B spill stores"
+          f"{f' > {max_spill}' if spills else ''}, {result.seconds:.1f} s, launched {launch.count}x",
+          file=out, flush=True)
+    return int(too_big or spills or floor_wrong)
+
+
+def _shared_floor(launch: Launch) -> int | None:
+    """The shared memory the decoder-tail backward assumes at least (it refuses, before compiling, a launch
+    whose floor is over the GPU's limit): checked against each compile of that kernel."""
+    if launch.kernel is not getattr(decoder_tail, "_backward_kernel", None):
+        return None
+    dtype = {v: k for k, v in _DTYPES.items()}[launch.signature["h_ptr"].lstrip("*")]
+    return decoder_tail.backward_shared_floor(launch.constexprs["BLOCK_D"], dtype)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256, help="conversion image size (default 256)")
     parser.add_argument("--train-size", type=int, default=128, help="training image size (default 128)")
     parser.add_argument("--config", default="selfie2anime", help="packaged config whose generator is used")
+    parser.add_argument("--max-spill-bytes", type=int, default=None, metavar="N",
+                        help="count a kernel with more than N bytes of spill stores (ptxas -v) as a failure "
+                             "(CI: 1024; every spilling kernel is listed either way)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: this check compiles the kernels for a GPU", file=sys.stderr)
@@ -317,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     launches = record_engine_launches(size=args.size, train_size=args.train_size, config=args.config)
     print(f"recorded {sum(x.count for x in launches.values())} launches of {len(launches)} distinct kernel "
           f"configurations in {time.time() - start:.0f} s (triton {triton.__version__})", flush=True)
-    failures = check(launches, args.arch)
+    failures = check(launches, args.arch, max_spill=args.max_spill_bytes)
     print(f"{'FAILED' if failures else 'passed'}: {failures} failure(s) in {len(launches) * len(args.arch)} "
           f"compiles, {time.time() - start:.0f} s in all")
     return 1 if failures else 0
