@@ -302,7 +302,7 @@ class Execution:
             x = F.pad(x, step.pad, mode=step.pad_mode)
         groups = 1 if shared else self.n
         if self.winograd and step.plain3x3 and self.backend == "cpu" and not _is_nhwc(x):
-            return _grouped(winograd_conv3x3, x, weight, bias, groups, fallback=_applies_winograd)
+            return _winograd_grouped(x, weight, bias, groups)
         return F.conv2d(x, weight, bias, step.stride, step.padding, 1, groups)
 
     def _upsample_conv(self, step: ConvStep, x, shared):
@@ -311,18 +311,14 @@ class Execution:
         return grouped_upsample2x_conv3x3(x, weight, bias, 1 if shared else self.n)
 
 
-def _applies_winograd(x, weight) -> bool:
-    return winograd_applies(x, weight)
-
-
-def _grouped(op, x, weight, bias, groups, fallback):
-    """``op`` (a groups=1 3x3 conv) on each member's channel block when it applies, else one grouped conv."""
+def _winograd_grouped(x, weight, bias, groups):
+    """A zero-padded 3x3 conv as Winograd on each member's channel block where it pays, else one grouped conv."""
     cin, cout = x.shape[1] // groups, weight.shape[0] // groups
-    if not fallback(x[:, :cin], weight[:cout]):
+    if not winograd_applies(x[:, :cin], weight[:cout]):
         return F.conv2d(x, weight, bias, 1, 1, 1, groups)
     if groups == 1:
-        return op(x, weight, bias)
-    outs = [op(x[:, g * cin:(g + 1) * cin], weight[g * cout:(g + 1) * cout],
+        return winograd_conv3x3(x, weight, bias)
+    outs = [winograd_conv3x3(x[:, g * cin:(g + 1) * cin], weight[g * cout:(g + 1) * cout],
                None if bias is None else bias[g * cout:(g + 1) * cout]) for g in range(groups)]
     return torch.cat(outs, 1)
 
