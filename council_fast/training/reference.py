@@ -21,7 +21,8 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from ..reference import AdaINGen, MsImageDis, MsImageDisCouncil
-from .common import HISTORIES, TrainerBase, gray, init_weights, make_adam, make_scheduler, step_schedulers
+from .common import HISTORIES, TrainerBase, init_weights, make_adam, make_scheduler, step_schedulers
+from .common import gray as _gray
 
 __all__ = ["CouncilTrainer"]
 
@@ -97,7 +98,7 @@ class CouncilTrainer(TrainerBase):
                 with torch.no_grad():
                     fake = self.gen(d, i_gen).translate(src, noise[d])
                 if gray:
-                    real, fake = gray(real, self._input_dim(d)), gray(fake, self._input_dim(d))
+                    real, fake = _gray(real, self._input_dim(d)), _gray(fake, self._input_dim(d))
                 loss = self.nets[d]["dis"][i].calc_dis_loss(fake, real)
                 losses[f"{d}/dis/{i}"] = loss.detach()
                 total = total + (c["gan_w"] * loss if d == "a2b" else loss)
@@ -232,7 +233,7 @@ class CouncilTrainer(TrainerBase):
                 for d in self.directions:
                     y = outputs[d][i]
                     if c["dis"]["do_Dis_only_gray"]:
-                        y = gray(y, self._input_dim(d))
+                        y = _gray(y, self._input_dim(d))
                     adv = self.nets[d]["dis"][dis_pick[i]].calc_gen_loss(y)
                     losses[f"{d}/adv/{i}"] = adv.detach()
                     if c["do_w_loss_matching"]:
