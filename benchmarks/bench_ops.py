@@ -1,4 +1,5 @@
-"""pytest-benchmark suite: the reference generator and the fused ops at small sizes.
+"""pytest-benchmark suite: the generator (reference and fused) and the op benchmark cases of
+``council-fast bench ops`` (:mod:`council_fast.bench.cases`), at small sizes.
 
 The plain ``pytest`` of the README collects it with ``--benchmark-disable`` (pyproject.toml), so CI
 runs each case once as a correctness check. For timings::
@@ -6,7 +7,8 @@ runs each case once as a correctness check. For timings::
     pytest benchmarks --benchmark-enable --benchmark-only      # GPU: real sizes via the variables below
 
 Sizes come from COUNCIL_FAST_BENCH_BATCH / COUNCIL_FAST_BENCH_SIZE (default 2 and 32, the tiny
-config). Back-ends: reference, triton and the C++ extension of the device (cpu or cuda).
+config); the Winograd case runs at COUNCIL_FAST_BENCH_WINOGRAD_CHANNELS (default 256, the anime
+config's width, where it applies). Back-ends: reference, triton and the C++ extension of the device.
 """
 from __future__ import annotations
 
@@ -15,14 +17,18 @@ import os
 import pytest
 import torch
 
+from council_fast import FastGenerator
+from council_fast.bench import KINDS, NotApplicable, op_call, op_cases
 from council_fast.config import packaged_config
 from council_fast.ops import _backend
-from council_fast.reference.networks import AdaINGen, blend_with_masks
+from council_fast.reference.networks import AdaINGen
 
 BATCH = int(os.environ.get("COUNCIL_FAST_BENCH_BATCH", "2"))
 SIZE = int(os.environ.get("COUNCIL_FAST_BENCH_SIZE", "32"))
+WINOGRAD_CHANNELS = int(os.environ.get("COUNCIL_FAST_BENCH_WINOGRAD_CHANNELS", "256"))
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CONFIG = packaged_config(os.environ.get("COUNCIL_FAST_BENCH_CONFIG", "tiny"))
+CASE_NAMES = [case.name for case in op_cases(CONFIG, 1, 2 ** CONFIG["gen"]["n_downsample"], torch.device("cpu"))]
 
 
 def _sync():
@@ -65,8 +71,7 @@ def test_reference_translate(benchmark, generator, batch):
 
 
 def test_fused_generator_translate(benchmark, generator, batch):
-    fast_generator = pytest.importorskip("council_fast.lowering")
-    fused = fast_generator.FastGenerator(CONFIG["input_dim_b"], CONFIG["gen"])
+    fused = FastGenerator(CONFIG["input_dim_b"], CONFIG["gen"])
     fused.load_state_dict(generator.state_dict())
     fused = fused.to(DEVICE).eval()
     x, z = batch
@@ -82,78 +87,25 @@ def test_fused_generator_translate(benchmark, generator, batch):
     assert torch.allclose(out, want, rtol=1e-4, atol=1e-4)
 
 
-def _adain_inputs(requires_grad: bool):
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_op_case(benchmark, name, backend, kind):
+    """One case of ``bench ops``: the fused op timed, then held to the case's tolerance."""
     torch.manual_seed(2)
-    c = CONFIG["gen"]["dim"] * 2 ** CONFIG["gen"]["n_downsample"]
-    low = SIZE // 2 ** CONFIG["gen"]["n_downsample"]
-    x = torch.randn(BATCH, c, low, low, device=DEVICE, requires_grad=requires_grad)
-    w = torch.randn(BATCH, c, device=DEVICE, requires_grad=requires_grad)
-    b = torch.randn(BATCH, c, device=DEVICE, requires_grad=requires_grad)
-    return x, w, b
-
-
-@pytest.mark.parametrize("backend", _backends())
-def test_adain_relu_forward(benchmark, backend):
-    adain = pytest.importorskip("council_fast.ops.adain")
-    x, w, b = _adain_inputs(False)
+    case = next(c for c in op_cases(CONFIG, BATCH, SIZE, DEVICE, winograd_channels=WINOGRAD_CHANNELS)
+                if c.name == name)
+    try:
+        fused = case.fused(backend)
+    except NotApplicable as e:
+        pytest.skip(str(e))
+    call = op_call(fused, case.inputs, kind, DEVICE)
 
     def run():
-        out = adain.adain(x, w, b, relu=True, backend=backend)
+        out = call()
         _sync()
-        return out
-    out = benchmark(run)
-    assert torch.allclose(out, adain.adain_reference(x, w, b, relu=True), rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("backend", _backends())
-def test_adain_relu_forward_backward(benchmark, backend):
-    adain = pytest.importorskip("council_fast.ops.adain")
-    x, w, b = _adain_inputs(True)
-
-    def run():
-        for t in (x, w, b):
-            t.grad = None
-        adain.adain(x, w, b, relu=True, backend=backend).square().mean().backward()
-        _sync()
-        return x.grad
-    grad = benchmark(run)
-    x2, w2, b2 = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
-    adain.adain_reference(x2, w2, b2, relu=True).square().mean().backward()
-    assert torch.allclose(grad, x2.grad, rtol=1e-3, atol=1e-6)
-
-
-@pytest.mark.parametrize("backend", _backends())
-def test_decoder_tail_forward(benchmark, generator, batch, backend):
-    tail = pytest.importorskip("council_fast.ops.decoder_tail")
-    dim, masks = CONFIG["gen"]["dim"], CONFIG["gen"]["num_of_mask_dim_to_add"]
-    convs = [block.conv for block in list(generator.dec.model)[-3:]]
-    weights = [t.detach() for conv in convs for t in (conv.weight, conv.bias)]
-    torch.manual_seed(3)
-    h = torch.randn(BATCH, dim, SIZE, SIZE, device=DEVICE).relu()
-    images = batch[0]
-
-    def run():
-        out = tail.decoder_tail(h, *weights, images, masks, backend=backend)
-        _sync()
-        return out
-    out, _ = benchmark(run)
-    with torch.no_grad():
-        raw = torch.nn.Sequential(*list(generator.dec.model)[-3:])(h)
-        want, _ = blend_with_masks(raw, images, masks)
-    assert torch.allclose(out, want, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.skipif(DEVICE.type != "cpu", reason="Winograd convs are the cpu back-end's (cuDNN picks its own)")
-@pytest.mark.parametrize("engine", ["direct", "winograd"])
-def test_residual_conv3x3_forward(benchmark, engine):
-    """The residual blocks' 3x3 conv at 256 channels (the anime config's width)."""
-    winograd = pytest.importorskip("council_fast.ops.winograd")
-    torch.manual_seed(4)
-    low = max(4, SIZE // 4)
-    x = torch.randn(BATCH, 256, low, low)
-    w = torch.randn(256, 256, 3, 3) / 48
-    b = torch.randn(256)
-    conv = winograd.conv3x3 if engine == "winograd" else winograd.conv3x3_reference
-    out = benchmark(lambda: conv(x, w, b))
-    want = winograd.conv3x3_reference(x, w, b)
-    assert (out - want).abs().max() <= 1e-5 * want.abs().max()
+        return out.detach().clone()
+    got = benchmark(run)
+    want = op_call(case.reference, case.inputs, kind, DEVICE)()
+    problem = case.check(kind, got, want)
+    assert problem is None, problem

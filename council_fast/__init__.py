@@ -1,5 +1,16 @@
-"""council-fast: a fast, faithful engine for Council-GAN training and image conversion."""
-from .config import ConfigError, load_config, packaged_config
+"""council-fast: a fast, faithful engine for Council-GAN training and image conversion.
 
-__version__ = "0.1.0"
-__all__ = ["ConfigError", "load_config", "packaged_config", "__version__"]
+The public API::
+
+    gens = council_fast.load_generators("checkpoints/01000000", config="selfie2anime", engine="fused")
+    anime = council_fast.translate(gens, PIL.Image.open("me.jpg"), member=0, seed=1)
+
+``FastGenerator`` is the generator built from the fused kernels (AdaINGen's parameters and function).
+"""
+from .config import ConfigError, load_config, packaged_config
+from .inference import ConvertError, Converter, Generators, load_generators, translate
+from .lowering import FastGenerator
+from .version import __version__
+
+__all__ = ["FastGenerator", "load_generators", "translate", "Generators", "Converter", "ConvertError",
+           "ConfigError", "load_config", "packaged_config", "__version__"]

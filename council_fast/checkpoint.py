@@ -15,20 +15,26 @@ naming the newest one. Everything loads with ``torch.load(..., weights_only=True
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
+import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import torch
 
-from .fileio import atomic_torch_save, atomic_write_bytes
+from .config import ConfigError, finish_config
+from .fileio import atomic_files, atomic_torch_save, atomic_write_bytes
 
 __all__ = [
     "CheckpointError", "GeneratorStates", "DIRECTIONS", "FULL_STATE_FORMAT", "FULL_STATE_VERSION",
     "FULL_STATE_KEYS", "load_file", "check_state_dict", "official_member_paths", "save_official",
     "load_generator_states", "save_full_state", "load_full_state", "full_state_path",
-    "write_latest", "latest_full_state_path",
+    "write_latest", "latest_full_state_path", "verify_archive", "check_resumable", "load_resume_state",
+    "complete_iterations",
 ]
 
 DIRECTIONS = ("a2b", "b2a")
@@ -38,6 +44,10 @@ FULL_STATE_VERSION = 1
 # Keys every full-state checkpoint holds (the trainer may add more).
 FULL_STATE_KEYS = ("format", "version", "config", "iteration", "engine", "networks")
 LATEST_NAME = "latest.txt"
+# Written after every file of an official snapshot is in place: {"iteration_plus_1", "council_size", ...}.
+SNAPSHOT_MARKER = "snapshot_{n:08d}.json"
+_MARKER_FILE = re.compile(r"^snapshot_(\d+)\.json$")
+_STATE_FILE = re.compile(r"^state_(\d+)\.pt$")
 
 _MEMBER_FILE = re.compile(r"^(a2b|b2a)_gen_(\d+)_(\d+)\.pt$")
 _PREFIX = re.compile(r"^(?:(a2b|b2a)_)?(?:gen_)?(\d+)(?:\.pt)?$")
@@ -64,11 +74,36 @@ def load_file(path: str | os.PathLike) -> Any:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint file not found")
+    verify_archive(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle, zip and unpickler errors all mean "bad file"
         raise CheckpointError(f"{path}: cannot read checkpoint (corrupt, truncated, or not a "
                               f"weights-only torch file): {type(e).__name__}: {e}") from None
+
+
+def verify_archive(path: str | os.PathLike) -> None:
+    """Check every entry of a zip-format torch file against its CRC-32 (torch.load does not).
+
+    A damaged file is a CheckpointError naming the file and the damaged entry. Files in torch's legacy
+    (non-zip) format carry no checksums and pass unchecked.
+    """
+    path = os.fspath(path)
+    if not zipfile.is_zipfile(path):
+        return
+    entry = None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                entry = info.filename
+                with archive.open(info) as f:
+                    while f.read(1 << 22):
+                        pass
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as e:
+        where = f" (entry {entry!r})" if entry else ""
+        raise CheckpointError(f"{path}: damaged checkpoint{where}: {e}; the file's own checksum does not match "
+                              f"its contents (disk or copy error): use another copy or an earlier "
+                              f"checkpoint") from None
 
 
 def _shape(t) -> tuple | None:
@@ -127,19 +162,30 @@ def save_official(out_dir: str | os.PathLike, iteration_plus_1: int,
     ``networks[direction][kind]`` is a list of state dicts in member order, ``kind`` in
     gen / dis / dis_council (dis_council may be absent, as when council_w is 0).
     ``optimizers[i]`` is {"gen", "dis"[, "dis_council"]} optimizer state dicts of member i.
+
+    All files are written under temporary names first and renamed into place only when every one is
+    written (optimizers first, so a reader that sees any generator of the snapshot also sees the council
+    size), then a marker ``snapshot_<n>.json`` says the snapshot is complete. A kill at any point leaves
+    either the previous snapshots only or an incomplete one that readers skip (:func:`complete_iterations`).
     """
+    out_dir = os.fspath(out_dir)
+    n = int(iteration_plus_1)
+    sizes = {len(kinds["gen"]) for kinds in networks.values()}
     written = []
-    for direction, kinds in networks.items():
-        gens = kinds["gen"]
-        paths = official_member_paths(out_dir, iteration_plus_1, len(gens), direction)
-        for kind in NETWORK_KINDS:
-            for i, sd in enumerate(kinds.get(kind) or []):
-                atomic_torch_save({direction: sd}, paths[i][kind])
-                written.append(paths[i][kind])
-    for i, opt in enumerate(optimizers or []):
-        path = os.path.join(os.fspath(out_dir), f"optimizer_{i}.pt")
-        atomic_torch_save(dict(opt), path)
-        written.append(path)
+    with atomic_files() as group:
+        for i, opt in enumerate(optimizers or []):
+            path = os.path.join(out_dir, f"optimizer_{i}.pt")
+            group.torch_save(dict(opt), path)
+            written.append(path)
+        for direction, kinds in networks.items():
+            paths = official_member_paths(out_dir, n, len(kinds["gen"]), direction)
+            for kind in NETWORK_KINDS:
+                for i, sd in enumerate(kinds.get(kind) or []):
+                    group.torch_save({direction: sd}, paths[i][kind])
+                    written.append(paths[i][kind])
+    marker = {"format": FULL_STATE_FORMAT, "iteration_plus_1": n, "council_size": max(sizes, default=0),
+              "directions": sorted(networks), "files": [os.path.basename(p) for p in written]}
+    atomic_write_bytes(os.path.join(out_dir, SNAPSHOT_MARKER.format(n=n)), json.dumps(marker, indent=1).encode())
     return written
 
 
@@ -187,10 +233,78 @@ def _find_official_generators(folder: str, n: int | None) -> dict[str, dict[int,
     return found
 
 
-def _load_members(found: dict, direction: str | None, n: int | None, source: str) -> GeneratorStates:
+def _markers(folder: str) -> dict[int, dict]:
+    """{iteration + 1: marker contents} of the snapshot markers in ``folder`` (unreadable ones count empty)."""
+    found = {}
+    for name in os.listdir(folder):
+        m = _MARKER_FILE.match(name)
+        if m:
+            try:
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    found[int(m.group(1))] = json.load(f)
+            except (OSError, ValueError):
+                found[int(m.group(1))] = {}
+    return found
+
+
+def _council_size(folder: str, by_iter: dict[int, dict[int, str]], markers: dict[int, dict]) -> int:
+    """How many members a complete snapshot in ``folder`` has: the most any snapshot, marker or
+    optimizer_<i>.pt file shows (official runs write optimizer_<i>.pt for every member)."""
+    optimizers = sum(1 for name in os.listdir(folder) if re.match(r"^optimizer_\d+\.pt$", name))
+    sizes = [len(members) for members in by_iter.values()] + [optimizers]
+    sizes += [m.get("council_size", 0) for m in markers.values() if isinstance(m.get("council_size", 0), int)]
+    return max(sizes)
+
+
+def complete_iterations(folder: str | os.PathLike, direction: str) -> tuple[list[int], dict[int, list[int]], int]:
+    """(complete iterations + 1, sorted; {every iteration + 1: its members}; the council size) of the
+    official ``direction`` generator files in ``folder``.
+
+    An iteration is complete when every member 0..size-1 is there and, where council-fast wrote the
+    folder (snapshot markers present), its marker too (iterations older than the first marker need none).
+    """
+    folder = os.fspath(folder)
+    by_iter = _find_official_generators(folder, None).get(direction, {})
+    markers = _markers(folder)
+    size = _council_size(folder, by_iter, markers)
+    members = {n: sorted(m) for n, m in by_iter.items()}
+    full = [n for n, m in members.items() if m == list(range(size))]
+    if markers:  # snapshots from before markers were written (an older council-fast) stay readable
+        full = [n for n in full if n in markers or n < min(markers)]
+    return sorted(full), members, size
+
+
+def _missing(members: list[int], size: int) -> str:
+    return ", ".join(str(i) for i in range(size) if i not in members)
+
+
+def _complete_iteration(folder: str, direction: str, n: int | None, source: str) -> int:
+    """The iteration (+ 1) to read: ``n`` if complete (else an error), or the newest complete one."""
+    full, members, size = complete_iterations(folder, direction)
+    if n is not None:
+        if n not in full:
+            have = ", ".join(map(str, members.get(n, [])))
+            raise CheckpointError(f"{source}: the council at {n:08d} is incomplete: it has member(s) {have} "
+                                  f"of {size} (missing {_missing(members.get(n, []), size) or 'its completion marker'}"
+                                  f"; a save was interrupted)" + (f"; the newest complete one is "
+                                  f"{os.path.join(folder, f'{full[-1]:08d}')}" if full else ""))
+        return n
+    if not full:
+        raise CheckpointError(f"{source}: no complete council of {size} {direction} generators in the folder "
+                              f"(iterations found: {', '.join(f'{k:08d}' for k in sorted(members))}; "
+                              f"a save was interrupted)")
+    newest = max(members)
+    if full[-1] != newest:
+        warnings.warn(f"{source}: the newest snapshot {newest:08d} is incomplete ({len(members[newest])} of {size} "
+                      f"members; a save was interrupted); using {full[-1]:08d}, the newest complete council",
+                      stacklevel=3)
+    return full[-1]
+
+
+def _load_members(found: dict, direction: str | None, n: int | None, source: str, folder: str) -> GeneratorStates:
     chosen = _pick_direction(found.keys(), direction, source)
-    by_iter = found[chosen]
-    n = max(by_iter) if n is None else n
+    by_iter = _find_official_generators(folder, None)[chosen]
+    n = _complete_iteration(folder, chosen, n, source)
     members = sorted(by_iter[n])
     states = []
     for i in members:
@@ -198,7 +312,7 @@ def _load_members(found: dict, direction: str | None, n: int | None, source: str
         if not isinstance(obj, dict) or chosen not in obj:
             raise CheckpointError(f"{by_iter[n][i]}: expected a dict with key {chosen!r}")
         states.append(obj[chosen])
-    return GeneratorStates(chosen, states, members, None, source)
+    return GeneratorStates(chosen, states, members, None, os.path.join(folder, f"{n:08d}"))
 
 
 def load_generator_states(checkpoint: str | os.PathLike, direction: str | None = None) -> GeneratorStates:
@@ -216,7 +330,7 @@ def load_generator_states(checkpoint: str | os.PathLike, direction: str | None =
     if os.path.isdir(path):
         found = _find_official_generators(path, None)
         if found:
-            return _load_members(found, direction, None, path)
+            return _load_members(found, direction, None, path, path)
         latest = latest_full_state_path(path)
         if latest is not None:
             return _load_member_file(latest, direction)
@@ -234,7 +348,7 @@ def load_generator_states(checkpoint: str | os.PathLike, direction: str | None =
     if not found:
         raise CheckpointError(f"{path}: no official generator files match; looked for "
                               f"{os.path.join(folder, f'{{a2b,b2a}}_gen_<member>_{n:08d}.pt')}")
-    return _load_members(found, direction, n, path)
+    return _load_members(found, direction, n, path, folder)
 
 
 # --------------------------------------------------------------------------- full state
@@ -265,7 +379,75 @@ def _check_full_state(obj: Any, path: str) -> dict:
     missing = [k for k in FULL_STATE_KEYS if k not in obj]
     if missing:
         raise CheckpointError(f"{path}: full-state checkpoint lacks {', '.join(missing)}")
+    iteration = obj["iteration"]
+    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+        raise CheckpointError(f"{path}: field 'iteration' must be a non-negative integer, got {iteration!r}")
+    if not isinstance(obj["config"], dict) or not obj["config"]:
+        raise CheckpointError(f"{path}: field 'config' must be a non-empty mapping (the run's config), "
+                              f"got {obj['config']!r:.80}")
+    if not isinstance(obj["networks"], dict) or not obj["networks"]:
+        raise CheckpointError(f"{path}: field 'networks' must be a non-empty mapping of directions, "
+                              f"got {obj['networks']!r:.80}")
     return obj
+
+
+# What a resume restores besides the networks: field -> what it must be.
+_RNG_FIELDS = {"torch_cpu": torch.Tensor, "python": dict, "numpy": dict, "noise": torch.Tensor, "choices": dict}
+
+
+def _field_error(path: str, field: str, expected: str, found: Any) -> CheckpointError:
+    shown = type(found).__name__ if not isinstance(found, (int, float, str, list, dict)) else repr(found)[:80]
+    return CheckpointError(f"{path}: field {field!r} must be {expected}, got {shown}; the state cannot be "
+                           f"resumed (damaged or written by other code)")
+
+
+def _check_optimizers(state: dict, path: str, size: int) -> None:
+    optimizers = state.get("optimizers")
+    if not isinstance(optimizers, list) or len(optimizers) != size:
+        raise _field_error(path, "optimizers", f"a list of {size} per-member optimizer states", optimizers)
+    kinds = ("gen", "dis") + (("dis_council",) if any("dis_council" in n for n in state["networks"].values()
+                                                      if isinstance(n, dict)) else ())
+    for i, opt in enumerate(optimizers):
+        for kind in kinds:
+            sd = opt.get(kind) if isinstance(opt, dict) else None
+            if not isinstance(sd, dict) or not isinstance(sd.get("state"), dict) \
+                    or not isinstance(sd.get("param_groups"), list) or not sd["param_groups"]:
+                raise _field_error(path, f"optimizers[{i}][{kind!r}]", "an optimizer state dict "
+                                   "(state, param_groups)", sd)
+
+
+def _check_rng(state: dict, path: str) -> None:
+    rng = state.get("rng")
+    if not isinstance(rng, dict):
+        raise _field_error(path, "rng", "a mapping of random-generator states", rng)
+    for key, kind in _RNG_FIELDS.items():
+        if not isinstance(rng.get(key), kind):
+            raise _field_error(path, f"rng[{key!r}]", f"a {kind.__name__}", rng.get(key))
+
+
+def check_resumable(state: dict, path: str) -> dict:
+    """Check the fields a resume restores (config, optimizers, schedulers, loss histories, RNG states)
+    beyond those every full state has; CheckpointError naming the file and the field. Returns ``state``
+    with its config filled in and validated."""
+    try:
+        state["config"] = finish_config(state["config"], f"{path} [config]")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    size = state["config"]["council"]["council_size"]
+    _check_optimizers(state, path, size)
+    schedulers = state.get("schedulers")
+    if not isinstance(schedulers, list) or len(schedulers) != size or not all(isinstance(s, dict) for s in schedulers):
+        raise _field_error(path, "schedulers", f"a list of {size} per-member scheduler states", schedulers)
+    if not isinstance(state.get("loss_history"), dict):
+        raise _field_error(path, "loss_history", "a mapping of loss histories", state.get("loss_history"))
+    _check_rng(state, path)
+    return state
+
+
+def load_resume_state(path: str | os.PathLike) -> dict:
+    """A full state checked for an exact resume (:func:`check_resumable`)."""
+    path = os.fspath(path)
+    return check_resumable(load_full_state(path), path)
 
 
 def load_full_state(path: str | os.PathLike) -> dict:
@@ -291,15 +473,26 @@ def latest_full_state_path(checkpoint_dir: str | os.PathLike) -> str | None:
     checkpoint_dir = os.fspath(checkpoint_dir)
     pointer = os.path.join(checkpoint_dir, LATEST_NAME)
     if os.path.isfile(pointer):
-        with open(pointer, encoding="utf-8") as f:
-            name = f.read().strip()
-        path = os.path.join(checkpoint_dir, name)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{pointer}: names {name!r}, which does not exist")
-        return path
+        return _follow_latest(checkpoint_dir, pointer)
     states = []
     for path in glob.glob(os.path.join(glob.escape(checkpoint_dir), "state_*.pt")):
-        m = re.match(r"^state_(\d+)\.pt$", os.path.basename(path))
+        m = _STATE_FILE.match(os.path.basename(path))
         if m:
             states.append((int(m.group(1)), path))
     return max(states)[1] if states else None
+
+
+def _follow_latest(checkpoint_dir: str, pointer: str) -> str:
+    """The state latest.txt names: a state_<n>.pt file in the same folder, nothing else."""
+    try:
+        with open(pointer, encoding="utf-8") as f:
+            name = f.read(4096).strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{pointer}: cannot read ({e})") from None
+    if not _STATE_FILE.match(name):
+        raise CheckpointError(f"{pointer}: names {name[:200]!r}, which is not a state_<n>.pt file in "
+                              f"{checkpoint_dir} (latest.txt only points inside its own folder)")
+    path = os.path.join(checkpoint_dir, name)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{pointer}: names {name!r}, which does not exist")
+    return path

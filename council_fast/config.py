@@ -7,15 +7,18 @@ that names the file and the key.
 from __future__ import annotations
 
 import copy
+import difflib
 import fractions
+import math
 import os
+import stat
 from importlib import resources
 from typing import Any
 
 import yaml
 
 __all__ = ["ConfigError", "load_config", "packaged_config", "default_config", "validate_config",
-           "parse_fraction", "PACKAGED_CONFIGS"]
+           "parse_fraction", "finish_config", "PACKAGED_CONFIGS", "MAX_CONFIG_BYTES"]
 
 PACKAGED_CONFIGS = ("selfie2anime", "tiny")
 
@@ -48,6 +51,42 @@ _CHOICES = {
     "dis.norm": ("none", "bn", "in", "ln"),
     "dis.gan_type": ("lsgan", "nsgan"),
 }
+# Value ranges beyond "positive": key -> (low, high, low inclusive, high inclusive); None = unbounded.
+# Upper bounds on sizes are generous sanity limits (far beyond any published setting) that stop a typo
+# such as `dim: 64000` from allocating terabytes before anything is said.
+_RANGES = {
+    "beta1": (0.0, 1.0, True, False), "beta2": (0.0, 1.0, True, False),
+    "gamma": (0.0, 1.0, False, True), "weight_decay": (0.0, None, True, True),
+    "step_size": (1, None, True, True), "max_iter": (0, None, True, True),
+    "random_seed": (0, 2 ** 32 - 1, True, True), "image_display_iter": (1, None, True, True),
+    "display_size": (1, 256, True, True), "batch_size": (1, 4096, True, True),
+    "num_workers": (0, 256, True, True), "loss_matching_hist_size": (1, 1_000_000, True, True),
+    "new_size": (1, 8192, True, True), "crop_image_height": (1, 8192, True, True),
+    "crop_image_width": (1, 8192, True, True), "input_dim_a": (1, 4, True, True), "input_dim_b": (1, 4, True, True),
+    "gen.dim": (1, 1024, True, True), "gen.mlp_dim": (1, 8192, True, True), "gen.style_dim": (1, 1024, True, True),
+    "gen.n_downsample": (0, 8, True, True), "gen.n_res": (0, 64, True, True),
+    "gen.num_of_mask_dim_to_add": (1, 16, True, True),
+    "dis.dim": (1, 1024, True, True), "dis.n_layer": (1, 10, True, True), "dis.num_scales": (1, 8, True, True),
+    "dis.numberOf_dis_relative_iteration": (0, 100, True, True),
+    "council.council_size": (1, 64, True, True), "council.numberOfCouncil_dis_relative_iteration": (0, 100, True, True),
+    "council.council_start_at_iter": (0, None, True, True),
+    "council.discriminetro_less_style_by": (0.0, None, True, True),
+    "focus_loss.focus_loss_start_at_iter": (0, None, True, True),
+    "focus_loss.mask_zero_or_one_center": (0.0, 1.0, True, True),
+    "focus_loss.mask_zero_or_one_epsilon": (0.0, None, True, True),
+    "abs_beginning_end": (0.0, None, True, True), "abs_beginning_end_less_by": (0.0, None, True, True),
+    "abs_beginning_end_minimume": (0.0, None, True, True),
+    "RandomGrayscale_P": (0.0, 1.0, True, True), "ColorJitter_hue": (0.0, 0.5, True, True),
+    "ColorJitter_brightness": (0.0, None, True, True), "ColorJitter_saturation": (0.0, None, True, True),
+    "ColorJitter_contrast": (0.0, None, True, True), "RandomRotation_degree": (0, 360, True, True),
+    "RandomAffine_translate_h": (0.0, 1.0, True, True), "RandomAffine_translate_w": (0.0, 1.0, True, True),
+    "RandomResizedCrop_scale_min": (0.0, None, False, True), "RandomResizedCrop_scale_max": (0.0, None, False, True),
+    "inbalenceDataSets.ratio_A_1_to_2": (0.0, 1.0, True, True),
+    "inbalenceDataSets.ratio_B_1_to_2": (0.0, 1.0, True, True),
+}
+# A config is a small text file; anything bigger (or not text) is the wrong file.
+MAX_CONFIG_BYTES = 1 << 20
+
 # Keys the official train.py adds or reads beyond the published file.
 _OPTIONAL_KEYS = {"vgg_model_path": str, "cuda_device": str, "iteration": int}
 
@@ -81,13 +120,39 @@ def load_config(path: str | os.PathLike) -> dict:
     if path in PACKAGED_CONFIGS and not os.path.exists(path):
         return packaged_config(path)
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raw = yaml.safe_load(_read_text(path))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     return _finish(raw, path)
+
+
+def _read_text(path: str) -> str:
+    """The file's text: a regular file of at most MAX_CONFIG_BYTES of UTF-8, else a ConfigError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block us
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot open config file ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{path}: not a regular file (a config is a YAML text file)")
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: over {MAX_CONFIG_BYTES // 1024} KB: not a config file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8): not a YAML config") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path}: holds NUL bytes: a binary file, not a YAML config")
+    return text
+
+
+def finish_config(raw: Any, source: str) -> dict:
+    """A parsed config (e.g. the one a checkpoint carries) with defaults filled in, checked."""
+    return _finish(raw, source)
 
 
 def _finish(raw: Any, source: str) -> dict:
@@ -119,7 +184,6 @@ def _merge(out: dict, raw: dict, defaults: dict, source: str, prefix: str) -> di
 
 
 def _suggest(key: str, known: dict) -> str:
-    import difflib
     close = difflib.get_close_matches(key, [k for k in known], n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -183,9 +247,13 @@ def validate_config(config: dict, source: str = "<config>") -> None:
         value = _get(config, dotted)
         if value not in choices:
             raise ConfigError(f"{source}: key {dotted!r} must be one of {', '.join(choices)}; got {value!r}")
+    _check_finite(config, source, "")
     for dotted in _POSITIVE_KEYS:
         if _get(config, dotted) <= 0:
             raise ConfigError(f"{source}: key {dotted!r} must be positive, got {_get(config, dotted)!r}")
+    _check_ranges(config, source)
+    _check_loss_weights(config, source)
+    _check_schedules(config, source)
     for dotted in ("RandomResizedCrop_ratio_max", "RandomResizedCrop_ratio_min"):
         try:
             parse_fraction(config[dotted])
@@ -205,3 +273,50 @@ def validate_config(config: dict, source: str = "<config>") -> None:
                               f"2**gen.n_downsample = {factor} so the decoder restores the input size")
     if config["gen"]["dim"] * factor // factor != config["gen"]["dim"]:
         raise ConfigError(f"{source}: key 'gen.dim' is invalid")
+
+
+def _check_finite(node: dict, source: str, prefix: str) -> None:
+    """No NaN or infinite number anywhere (YAML reads .nan, .inf and 1e999 as floats)."""
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _check_finite(value, source, f"{dotted}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{source}: key {dotted!r} must be a finite number, got {value!r}")
+
+
+def _interval(low, high, low_in: bool, high_in: bool) -> str:
+    if high is None:
+        return f"{'at least' if low_in else 'greater than'} {low}"
+    return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+
+
+def _check_ranges(config: dict, source: str) -> None:
+    for dotted, (low, high, low_in, high_in) in _RANGES.items():
+        value = _get(config, dotted)
+        if isinstance(value, str):  # the ratio keys hold strings; they are checked by parse_fraction
+            continue
+        below = value < low if low_in else value <= low
+        above = high is not None and (value > high if high_in else value >= high)
+        if below or above:
+            raise ConfigError(f"{source}: key {dotted!r} must be {_interval(low, high, low_in, high_in)}, "
+                              f"got {value!r}")
+    if config["RandomResizedCrop_scale_min"] > config["RandomResizedCrop_scale_max"]:
+        raise ConfigError(f"{source}: key 'RandomResizedCrop_scale_min' ({config['RandomResizedCrop_scale_min']}) "
+                          f"must not exceed 'RandomResizedCrop_scale_max' ({config['RandomResizedCrop_scale_max']})")
+
+
+def _check_loss_weights(config: dict, source: str) -> None:
+    """Every loss weight (a top-level key ending in _w) is a finite number >= 0."""
+    for key, value in config.items():
+        if key.endswith("_w") and isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"{source}: key {key!r} (a loss weight) must not be negative, got {value!r}")
+
+
+def _check_schedules(config: dict, source: str) -> None:
+    council = config["council"]
+    if council["flipOnOff"]:
+        for key in ("flipOnOff_On_iteration", "flipOnOff_Off_iteration"):
+            if council[key] < 1:
+                raise ConfigError(f"{source}: key 'council.{key}' must be at least 1 when council.flipOnOff is "
+                                  f"true, got {council[key]!r}")

@@ -4,9 +4,13 @@ Tensors are float (C, H, W) or (B, C, H, W) in [-1, 1], the range Council-GAN wo
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import math
 import os
-from typing import Sequence
+import stat
+import threading
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -14,25 +18,108 @@ from PIL import Image, ImageOps
 
 from .fileio import atomic_write_bytes
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "open_rgb", "resize_shorter", "center_crop",
+__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "open_rgb", "as_rgb8", "max_image_pixels", "PixelBudget", "DECODE_BUDGET",
+           "resize_shorter", "center_crop",
            "pil_to_tensor", "tensor_to_pil", "save_image", "make_grid", "save_grid", "test_transform"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+# Decoded pixels allowed per image (JPEGs above it are decoded at 1/2, 1/4 or 1/8 scale; other images are
+# refused): 64 megapixels is a 9248x6936 photo, 192 MB as RGB. COUNCIL_FAST_MAX_IMAGE_PIXELS changes it.
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 
 
 class ImageReadError(ValueError):
     """An input file is missing, unreadable, truncated or not an image; the message names it."""
 
 
-def open_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open any image as 8-bit RGB: EXIF rotation applied; grey, palette, RGBA, 16-bit handled."""
+def max_image_pixels() -> int:
+    value = os.environ.get("COUNCIL_FAST_MAX_IMAGE_PIXELS")
     try:
-        with Image.open(path) as im:
-            im.load()  # truncated files fail here, not later
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb8(im)
+        return max(1, int(value)) if value else DEFAULT_MAX_IMAGE_PIXELS
+    except ValueError:
+        return DEFAULT_MAX_IMAGE_PIXELS
+
+
+class PixelBudget:
+    """Pixels being decoded at once in this process, across loader threads: a decode waits until the
+    images already being decoded leave room for it (one image alone always fits)."""
+
+    def __init__(self, pixels: int):
+        self.pixels = pixels
+        self.in_use = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, pixels: int) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self.in_use == 0 or self.in_use + pixels <= self.pixels)
+            self.in_use += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.in_use -= pixels
+                self._cond.notify_all()
+
+
+# Two images of the per-image limit: with N loader threads, at most this many pixels are decoded at once.
+DECODE_BUDGET = PixelBudget(2 * DEFAULT_MAX_IMAGE_PIXELS)
+
+
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open any image as 8-bit RGB: EXIF rotation applied; grey, palette, RGBA, 16-bit handled.
+
+    Only regular files are read (a FIFO or device named like an image is refused, never waited on);
+    images over :func:`max_image_pixels` are reduced while decoding (JPEG) or refused, by name.
+    """
+    path = os.fspath(path)
+    try:
+        with _open_regular(path) as f, Image.open(f) as im:
+            _bound_pixels(im, path)
+            with DECODE_BUDGET.reserve(im.size[0] * im.size[1]):
+                im.load()  # truncated files fail here, not later
+                return as_rgb8(im)
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-        raise ImageReadError(f"{os.fspath(path)}: cannot read image ({e})") from None
+        if isinstance(e, ImageReadError):
+            raise
+        raise ImageReadError(f"{path}: cannot read image ({e})") from None
+
+
+@contextlib.contextmanager
+def _open_regular(path: str) -> Iterator[io.BufferedReader]:
+    """Open for reading without blocking on a FIFO, and refuse anything but a regular file."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "FIFO" if stat.S_ISFIFO(mode) else "folder" if stat.S_ISDIR(mode) else "special file"
+            raise ImageReadError(f"{path}: not a regular file ({kind}); skipped")
+        os.set_blocking(fd, True)
+        yield f
+
+
+def _bound_pixels(im: Image.Image, path: str) -> None:
+    """Reduce a JPEG over the pixel limit while decoding (draft mode); refuse any other such image."""
+    limit = max_image_pixels()
+    w, h = im.size
+    if w * h <= limit:
+        return
+    if im.format == "JPEG":
+        scale = next((k for k in (2, 4, 8) if math.ceil(w / k) * math.ceil(h / k) <= limit), None)
+        if scale is not None:
+            im.draft(im.mode, (math.ceil(w / scale), math.ceil(h / scale)))
+            if im.size[0] * im.size[1] <= limit:
+                return
+    raise ImageReadError(f"{path}: {w}x{h} is {w * h / 1e6:.0f} megapixels, over the {limit / 1e6:.0f}-megapixel "
+                         f"limit per image (decoding it would take {w * h * 3 / 2**30:.1f} GB or more); shrink "
+                         f"it, or raise COUNCIL_FAST_MAX_IMAGE_PIXELS")
+
+
+def as_rgb8(im: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB, as read from a file: EXIF rotation applied, transparency on white."""
+    return _to_rgb8(ImageOps.exif_transpose(im))
 
 
 def _to_rgb8(im: Image.Image) -> Image.Image:

@@ -51,7 +51,7 @@ from .reference.networks import (AdaINGen, AdaptiveInstanceNorm2d, Conv2dBlock, 
 
 __all__ = ["UnsupportedForFusion", "ConvStep", "ResStep", "UpsampleStep", "GeneratorPlan", "lower", "lower_generator",
            "LoweredGenerator", "FastGenerator", "StackedNetwork", "StackedAdaINGen", "normalised_bias_keys",
-           "to_grouped", "from_grouped", "load_official_generator", "KERNEL_DTYPES"]
+           "to_grouped", "from_grouped", "KERNEL_DTYPES"]
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -539,14 +539,6 @@ class FastGenerator(LoweredGenerator):
         fast.load_state_dict(gen.state_dict(), strict=True)
         return fast
 
-    @classmethod
-    def from_checkpoint(cls, path, input_dim, params, key="b2a", backend=None, strict=None,
-                        map_location="cpu") -> "FastGenerator":
-        """Load an official-format generator file (``{"b2a": state_dict}``) into a FastGenerator."""
-        fast = cls(input_dim, params, backend=backend, strict=strict)
-        fast.load_state_dict(load_official_generator(path, key, map_location), strict=True)
-        return fast
-
     def member_parameter(self, key: str) -> torch.Tensor:
         return self.get_parameter(key).unsqueeze(0)
 
@@ -594,20 +586,6 @@ class FastGenerator(LoweredGenerator):
 def _pad_type_of(gen: AdaINGen) -> str:
     pad = gen.enc_content.model[0].pad
     return {nn.ZeroPad2d: "zero", nn.ReflectionPad2d: "reflect", nn.ReplicationPad2d: "replicate"}[type(pad)]
-
-
-def load_official_generator(path, key="b2a", map_location="cpu") -> dict:
-    """The generator state dict of an official ``{"a2b"|"b2a": state_dict}`` file."""
-    try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: generator checkpoint not found") from None
-    except Exception as e:  # noqa: BLE001 - pickle errors come in many types
-        raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from None
-    if not isinstance(blob, dict) or key not in blob:
-        keys = sorted(blob) if isinstance(blob, dict) else type(blob).__name__
-        raise KeyError(f"{path}: expected an official generator file with key {key!r}, found {keys}")
-    return blob[key]
 
 
 # ---------------------------------------------------------------------------------------------- stacked storage

@@ -31,15 +31,12 @@ Exit status 0 when every checked figure is within tolerance (fp32: 1e-4; bf16: 2
 """
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from dataclasses import dataclass, field
 
 import torch
 
-from .config import ConfigError, load_config
-from .lowering import meta_template, normalised_bias_keys
+from .lowering import UnsupportedForFusion, meta_template, normalised_bias_keys
 from .reference import AdaINGen
 from .training import CouncilTrainer, FusedCouncilTrainer, why_not_fused
 
@@ -48,25 +45,8 @@ TOLERANCES = {"fp32": 1e-4, "bf16": 2e-2}
 DEAD_GRADIENT_FRACTION = 1e-5
 UPDATE_TOLERANCE = 1e-2
 
-__all__ = ["add_arguments", "run", "GradientRecorder", "Comparison", "compare_iteration", "TOLERANCES",
+__all__ = ["check_parity", "ParityReport", "GradientRecorder", "Comparison", "compare_iteration", "TOLERANCES",
            "dead_parameter_keys", "synthetic_batch"]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="tiny", help="config YAML or packaged name (default: %(default)s)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: %(default)s")
-    parser.add_argument("--precision", choices=tuple(TOLERANCES), default="fp32",
-                        help="fused engine precision (default: %(default)s)")
-    parser.add_argument("--iters-before", type=int, default=None, metavar="N",
-                        help="iteration counter of the first checked step (default: 0, before the council starts)")
-    parser.add_argument("--iters-after", type=int, default=None, metavar="N",
-                        help="iteration counter of the second checked step (default: council_start_at_iter)")
-    parser.add_argument("--batch", type=int, help="batch size (default: the config's batch_size)")
-    parser.add_argument("--size", type=int, help="image size (default: the config's crop size)")
-    parser.add_argument("--seed", type=int, default=0, help="default: %(default)s")
-    parser.add_argument("--tolerance", type=float, help="override the tolerance of the loss, gradient and parameter checks (the "
-                             "parameter-update check keeps 1e-2 and the normalised-away bias checks keep theirs)")
-    parser.add_argument("--verbose", action="store_true", help="print every compared tensor, not only the worst")
 
 
 # ---------------------------------------------------------------------- capturing gradients
@@ -292,45 +272,43 @@ def run_iteration(reference, fused, x_a, x_b, iteration: int, dead: set[str], to
                              loss_tolerance)
 
 
-def _print(comparison: Comparison, verbose: bool) -> None:
-    print(f"== {comparison.label}")
-    for c in comparison.checks:
-        status = "info" if math.isinf(c.tolerance) else ("ok" if c.ok else "FAIL")
-        tol = "" if math.isinf(c.tolerance) else f" (tolerance {c.tolerance:.0e})"
-        print(f"  {status:4s} {c.name}: worst {c.worst:.3e} at {c.where}{tol}")
-    if verbose:
-        for name, key, value in sorted(comparison.details):
-            print(f"       {name.split(' (')[0]}: {key}: {value:.3e}")
+@dataclass
+class ParityReport:
+    """What ``check_parity`` compared: the comparisons in order, notes for the reader, the batch and size."""
+    results: list
+    notes: list
+    batch: int
+    size: int
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results)
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("council-fast parity: error: --device cuda: no CUDA device is available", file=sys.stderr)
-        return 2
-    try:
-        config = load_config(args.config)
-    except ConfigError as e:
-        print(f"council-fast parity: error: {e}", file=sys.stderr)
-        return 2
-    if args.precision == "fp32" and args.device == "cuda":
+def check_parity(config: dict, device: str = "cpu", precision: str = "fp32", iters_before: int | None = None,
+                 iters_after: int | None = None, batch: int | None = None, size: int | None = None, seed: int = 0,
+                 tolerance: float | None = None) -> ParityReport:
+    """Initial weights, one iteration before the council starts and one at it (the fused engine resumed
+    from the reference's state), reference vs fused engine built from ``seed``. See the module doc."""
+    if precision == "fp32" and torch.device(device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    tolerance = args.tolerance if args.tolerance is not None else TOLERANCES[args.precision]
+    tolerance = tolerance if tolerance is not None else TOLERANCES[precision]
     start = config["council"]["council_start_at_iter"]
-    before_iter = args.iters_before if args.iters_before is not None else 0
-    after_iter = args.iters_after if args.iters_after is not None else start
-    batch = args.batch or config["batch_size"]
-    size = args.size or config["crop_image_height"]
+    before_iter = iters_before if iters_before is not None else 0
+    after_iter = iters_after if iters_after is not None else start
+    batch = batch or config["batch_size"]
+    size = size or config["crop_image_height"]
+    notes = []
     if before_iter >= start:
-        print(f"note: --iters-before {before_iter} is not before council_start_at_iter ({start})")
+        notes.append(f"--iters-before {before_iter} is not before council_start_at_iter ({start})")
     reasons = why_not_fused(config)
     if reasons:
-        print("council-fast parity: error: the fused engine does not implement " + "; ".join(reasons)
-              + " (the reference engine runs this config: nothing to compare)", file=sys.stderr)
-        return 2
-    reference = CouncilTrainer(config, args.device, seed=args.seed)
-    fused = FusedCouncilTrainer(config, args.device, seed=args.seed, precision=args.precision)
-    x_a, x_b = synthetic_batch(config, batch, size, args.seed, args.device)
+        raise UnsupportedForFusion("the fused engine does not implement " + "; ".join(reasons)
+                                   + " (the reference engine runs this config: nothing to compare)")
+    reference = CouncilTrainer(config, device, seed=seed)
+    fused = FusedCouncilTrainer(config, device, seed=seed, precision=precision)
+    x_a, x_b = synthetic_batch(config, batch, size, seed, device)
     dead = dead_parameter_keys(config)
     init = Comparison("initial weights")
     ref0, fused0 = reference.network_states(), fused.network_states()
@@ -339,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
                                        for n, t in sd.items() if t.is_floating_point()}, 0.0)
     results = [init]
     # bf16: gradients and parameters are reported, not checked (see the module doc).
-    grad_tolerance = tolerance if args.precision == "fp32" else math.inf
+    grad_tolerance = tolerance if precision == "fp32" else math.inf
     results.append(run_iteration(reference, fused, x_a, x_b, before_iter, dead, grad_tolerance,
                                  f"iteration {before_iter} (council {'on' if before_iter >= start else 'off'})",
                                  tolerance))
@@ -348,10 +326,4 @@ def run(args: argparse.Namespace) -> int:
     results.append(run_iteration(reference, fused, x_a, x_b, after_iter, dead, grad_tolerance,
                                  f"iteration {after_iter} (council {'on' if after_iter >= start else 'off'}), "
                                  "fused engine resumed from the reference's state", tolerance))
-    print(f"parity: fused ({args.precision}) vs reference, config {args.config}, device {args.device}, "
-          f"batch {batch}, size {size}, seed {args.seed}")
-    for r in results:
-        _print(r, args.verbose)
-    ok = all(r.ok for r in results)
-    print("PASS" if ok else "FAIL: the fused engine does not reproduce the reference iteration")
-    return 0 if ok else 1
+    return ParityReport(results, notes, batch, size)

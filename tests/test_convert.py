@@ -5,7 +5,6 @@ import argparse
 import glob
 import hashlib
 import os
-import sys
 import zlib
 
 import numpy as np
@@ -14,7 +13,10 @@ import torch
 import yaml
 from PIL import Image
 
-from council_fast import convert
+from council_fast import checkpoint as ckpt_mod
+from council_fast import conversion, inference
+from council_fast.cli import main
+from council_fast.cli import convert
 from council_fast.config import packaged_config
 from council_fast import images as cf_images
 from council_fast.reference.networks import AdaINGen
@@ -164,11 +166,8 @@ def test_unknown_member_is_an_error(tmp_path, images, ckpt, capsys):
 
 
 def test_full_state_checkpoint_carries_its_config(tmp_path, images, ckpt, cfg):
-    checkpoint = pytest.importorskip("council_fast.checkpoint")
-    if not hasattr(checkpoint, "save_full_state"):
-        pytest.skip("council_fast.checkpoint.save_full_state does not exist yet")
     path = tmp_path / "state_00000010.pt"
-    checkpoint.save_full_state(path, {"config": cfg, "iteration": 9, "engine": "reference",
+    ckpt_mod.save_full_state(path, {"config": cfg, "iteration": 9, "engine": "reference",
                                       "networks": {"b2a": {"gen": [ckpt["gens"][0].state_dict(),
                                                                    ckpt["gens"][1].state_dict()]}}})
     out = tmp_path / "out"
@@ -212,7 +211,7 @@ def test_masks_and_contact_sheet(tmp_path, images, ckpt):
                        "--output", str(out), "--styles", "2", "--seed", "3", "--save-masks", "--grid") == 0
     masks = sorted(glob.glob(str(out / "**" / "*_mask.png"), recursive=True))
     assert len(masks) == 3 * 2 * 2
-    with Image.open(out / convert.GRID_NAME) as sheet:
+    with Image.open(out / conversion.GRID_NAME) as sheet:
         pad, cols, rows = 2, 1 + 2 * 2, 3
         assert sheet.size == (pad + cols * (SIZE + pad), pad + rows * (SIZE + pad))
         first_cell = np.asarray(sheet.convert("RGB"))[pad:pad + SIZE, pad:pad + SIZE].astype(np.int16)
@@ -404,11 +403,13 @@ def test_option_errors(tmp_path, images, ckpt, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_explicit_fused_backend_without_fused_engine(tmp_path, images, ckpt, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "council_fast.lowering", None)  # import now fails
+def test_explicit_fused_backend_when_the_fused_engine_cannot_be_built(tmp_path, images, ckpt, capsys, monkeypatch):
+    def unbuildable(*args, **kwargs):
+        raise RuntimeError("the fused engine exploded")
+    monkeypatch.setattr(inference, "FastGenerator", unbuildable)
     assert run_convert("--config", "tiny", "--checkpoint", ckpt["member3"], "--input", str(images),
                        "--output", str(tmp_path / "o"), "--backend", "cpu") == 2
-    assert "fused engine is not available" in capsys.readouterr().err
+    assert "fused engine cannot run here: the fused engine exploded" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     # auto falls back to the reference engine and converts.
     assert run_convert("--config", "tiny", "--checkpoint", ckpt["member3"], "--input", str(images / "dog.png"),
@@ -437,9 +438,7 @@ class TranslateOnlyGenerator(AdaINGen):
 
 @pytest.fixture()
 def fake_fused(monkeypatch):
-    module = type(sys)("council_fast.lowering")
-    module.FastGenerator = TranslateOnlyGenerator
-    monkeypatch.setitem(sys.modules, "council_fast.lowering", module)
+    monkeypatch.setattr(inference, "FastGenerator", TranslateOnlyGenerator)
     TranslateOnlyGenerator.instances = 0
     return TranslateOnlyGenerator
 
@@ -476,7 +475,7 @@ def test_size_option_and_size_default(tmp_path, images, ckpt):
 
 def test_converter_reuses_content_and_matches_translate(ckpt, cfg):
     gen = ckpt["gens"][0]
-    conv = convert.Converter({0: gen}, "cpu")
+    conv = inference.Converter({0: gen}, "cpu")
     torch.manual_seed(0)
     x = torch.rand(3, 3, SIZE, SIZE) * 2 - 1
     z = torch.randn(3, cfg["gen"]["style_dim"], 1, 1)
@@ -497,34 +496,24 @@ def test_find_inputs_and_plan_outputs(tmp_path):
     (tmp_path / "d" / "s").mkdir(parents=True)
     for name in ("d/x.png", "d/s/x.png", "d/y.txt", "d/s/Z.JPEG"):
         (tmp_path / name).write_bytes(b"")
-    items, problems = convert.find_inputs([str(tmp_path / "d"), str(tmp_path / "none*.png")])
+    items, problems = conversion.find_inputs([str(tmp_path / "d"), str(tmp_path / "none*.png")])
     assert [i.rel for i in items] == ["x", os.path.join("s", "Z"), os.path.join("s", "x")]
     assert problems and "none*.png" in problems[0]
-    planned = convert.plan_outputs(items + [convert.InputItem(str(tmp_path / "other" / "x.png"), "x")],
+    planned = conversion.plan_outputs(items + [conversion.InputItem(str(tmp_path / "other" / "x.png"), "x")],
                                    str(tmp_path / "out"), [0], 1)
     assert [p.rel for p in planned][-1] == "x_2"
 
 
 def test_cli_routes_convert(tmp_path, images, ckpt):
-    try:
-        from council_fast.cli import main
-        main_parser_ok = True
-    except ImportError:
-        main_parser_ok = False
-    if not main_parser_ok:
-        pytest.skip("council_fast.cli cannot be imported")
-    try:
-        status = main(["convert", "--config", "tiny", "--checkpoint", ckpt["member3"], "--input",
-                       str(images / "dog.png"), "--output", str(tmp_path / "o"), "--quiet", "--seed", "1"])
-    except ModuleNotFoundError as e:
-        pytest.skip(f"another command module is missing: {e}")
+    status = main(["convert", "--config", "tiny", "--checkpoint", ckpt["member3"], "--input",
+                   str(images / "dog.png"), "--output", str(tmp_path / "o"), "--quiet", "--seed", "1"])
     assert status == 0 and os.listdir(tmp_path / "o") == ["dog_m3_s0.png"]
 
 
 def test_running_out_of_memory_halves_the_batch(tmp_path, images, ckpt, capsys, monkeypatch):
     """A device out of memory at batch 4 goes on at batch 2 (for the rest of the run): every output is
     written once, with the images a batch-2 run writes."""
-    real_decode = convert.Converter.decode
+    real_decode = inference.Converter.decode
     seen = []
 
     def decode_needing_memory(self, member, content, z, x, return_mask=False):
@@ -540,7 +529,7 @@ def test_running_out_of_memory_halves_the_batch(tmp_path, images, ckpt, capsys, 
         return digest(out)
 
     expected = run("batch2", "2")
-    monkeypatch.setattr(convert.Converter, "decode", decode_needing_memory)
+    monkeypatch.setattr(inference.Converter, "decode", decode_needing_memory)
     capsys.readouterr()
     got = run("batch4", "4")
     assert "out of device memory at batch 4: continuing with batch 2" in capsys.readouterr().err
@@ -549,10 +538,10 @@ def test_running_out_of_memory_halves_the_batch(tmp_path, images, ckpt, capsys, 
 
 
 def test_default_batch_follows_the_free_gpu_memory(monkeypatch):
-    assert convert.default_batch(torch.device("cpu"), 256) == 8
+    assert conversion.default_batch(torch.device("cpu"), 256) == 8
     gib = 2 ** 30
     for free, size, precision, expected in ((80 * gib, 256, "fp32", 32), (2 * gib, 256, "fp32", 8),
                                              (2 * gib, 256, "bf16", 16), (8 * gib, 1024, "fp32", 2),
                                              (gib // 4, 1024, "fp32", 1)):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 80 * gib))
-        assert convert.default_batch(torch.device("cuda"), size, precision) == expected, (free, size, precision)
+        assert conversion.default_batch(torch.device("cuda"), size, precision) == expected, (free, size, precision)

@@ -7,7 +7,8 @@ import torch
 
 from _backends import CPU_AND_CUDA, HAS_CUDA
 from _graph_emulator import RecordingCapturer
-from council_fast.convert import ConvertError, Converter, add_arguments
+from council_fast.cli.convert import add_arguments
+from council_fast.inference import ConvertError, Converter
 from council_fast.cuda_graphs import CudaGraphError, GraphedCall
 from council_fast.lowering import FastGenerator
 

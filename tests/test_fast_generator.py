@@ -177,22 +177,6 @@ def test_encode_and_forward_match_reference(tiny_config):
         _assert_close(fast.decode(content, z, x), ref.decode(ref_content, z, x), 1e-5, "decode")
 
 
-def test_official_checkpoint_reproduces_reference(tmp_path, tiny_config):
-    params = _tiny_params(tiny_config)
-    ref = _reference(params, seed=3)
-    path = tmp_path / "b2a_gen_0_00000011.pt"
-    torch.save({"b2a": ref.state_dict()}, path)
-    fast = FastGenerator.from_checkpoint(path, 3, params, backend="cpu")
-    x = torch.rand(1, 3, 16, 16) * 2 - 1
-    z = torch.randn(1, params["style_dim"], 1, 1)
-    with torch.no_grad():
-        _assert_close(fast.translate(x, z), ref.decode(ref.encode(x)[0], z, x), 1e-5, "checkpoint output")
-    with pytest.raises(KeyError, match="b2a"):
-        FastGenerator.from_checkpoint(path, 3, params, key="a2b")
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
-        FastGenerator.from_checkpoint(tmp_path / "missing.pt", 3, params)
-
-
 def test_backend_choice(monkeypatch, tiny_config):
     params = _tiny_params(tiny_config)
     ref = _reference(params)

@@ -1,4 +1,4 @@
-"""The fused training engine against the reference engine (council_fast.trainer)."""
+"""The fused training engine against the reference engine (council_fast.training)."""
 from __future__ import annotations
 
 import copy

@@ -6,7 +6,7 @@ import argparse
 import pytest
 import torch
 
-from council_fast import parity
+from council_fast.cli import parity
 from council_fast.training import fused as fused_trainer
 from council_fast.parity import compare_iteration
 

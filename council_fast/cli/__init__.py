@@ -1,6 +1,7 @@
-"""`council-fast` command line: each subcommand lives in its own module.
+"""`council-fast` command line: each subcommand lives in its own module of this package.
 
-A command module exposes ``add_arguments(parser)`` and ``run(args) -> int`` (the exit status).
+A command module exposes ``add_arguments(parser)`` and ``run(args) -> int`` (the exit status) and holds
+only argument handling and calls into the library.
 """
 from __future__ import annotations
 
@@ -8,21 +9,23 @@ import argparse
 import importlib
 import sys
 
-# name -> (module, one-line help)
+from ..runtime import tune_cudnn
+from ..version import __version__
+
+# name -> (module, one-line help); modules are imported when the parser is built
 COMMANDS = {
-    "demo": ("council_fast.demo", "train a tiny council on built-in synthetic data, then convert with it"),
+    "demo": ("council_fast.cli.demo", "train a tiny council on built-in synthetic data, then convert with it"),
     "train": ("council_fast.cli.train", "train a council (reference or fused engine) on an official data folder"),
-    "convert": ("council_fast.convert", "translate image files or folders with trained generators"),
-    "parity": ("council_fast.parity", "check that the fused training engine reproduces the reference iteration"),
-    "bench": ("council_fast.bench", "benchmark reference eager, torch.compile and the fused engine"),
-    "info": ("council_fast.info", "print versions, devices and which kernel back-ends are available"),
+    "convert": ("council_fast.cli.convert", "translate image files or folders with trained generators"),
+    "parity": ("council_fast.cli.parity", "check that the fused training engine reproduces the reference iteration"),
+    "bench": ("council_fast.cli.bench", "benchmark reference eager, torch.compile and the fused engine"),
+    "info": ("council_fast.cli.info", "print versions, devices and which kernel back-ends are available"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="council-fast",
                                      description="council-fast: fast, faithful Council-GAN training and conversion.")
-    from .. import __version__
     parser.add_argument("--version", action="version", version=f"council-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -33,17 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(p)
         p.set_defaults(_module=module)
     return parser
-
-
-def tune_cudnn() -> None:
-    """The commands run static shapes: cuDNN may time its convolution algorithms once per shape and keep
-    the fastest (torch.backends.cudnn.benchmark). COUNCIL_FAST_CUDNN_BENCHMARK=0 keeps torch's heuristics."""
-    import os
-
-    import torch
-
-    if os.environ.get("COUNCIL_FAST_CUDNN_BENCHMARK", "1") != "0":
-        torch.backends.cudnn.benchmark = True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,8 @@ import sys
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..data import DataError
-from ..training.loop import TrainError, TrainRequest, train
+from ..fileio import DiskFullError
+from ..training.loop import NonFiniteLoss, TrainError, TrainRequest, train
 
 __all__ = ["add_arguments", "run"]
 
@@ -49,3 +50,6 @@ def run(args: argparse.Namespace) -> int:
     except (TrainError, ConfigError, CheckpointError, DataError, NotImplementedError) as e:
         print(f"council-fast train: error: {e}", file=sys.stderr)
         return 2
+    except (DiskFullError, NonFiniteLoss) as e:  # ran, then failed: the last complete checkpoint stands
+        print(f"council-fast train: error: {e}", file=sys.stderr)
+        return 1

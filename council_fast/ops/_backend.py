@@ -138,6 +138,14 @@ def _build(kind: str, verbose: bool):
         return cpp_extension.load(**kwargs)
 
 
+def installation_key() -> str:
+    """What a build depends on beyond the sources: this torch installation (where it lives, its version,
+    CUDA version) and the Python running it, so environments with the same torch version never share or
+    rebuild each other's extension."""
+    return "|".join((os.path.dirname(os.path.realpath(torch.__file__)), torch.__version__, str(torch.version.cuda),
+                     sys.prefix, sys.version))
+
+
 def _build_spec(kind: str) -> tuple[str, list[str], list[str]]:
     """(module name, sources, C++ flags): the name hashes everything the build depends on."""
     sources = _sources(kind)
@@ -150,7 +158,7 @@ def _build_spec(kind: str) -> tuple[str, list[str], list[str]]:
     if kind == "cpu" and os.environ.get("COUNCIL_FAST_NATIVE", "1") == "1":
         cflags.append("-march=native")  # the build is cached per machine: the name hashes the CPU flags
         digest.update(_cpu_flags().encode())
-    digest.update(torch.__version__.encode())
+    digest.update(installation_key().encode())
     digest.update(" ".join(cflags + (CUDA_FLAGS if kind == "cuda" else [])).encode())
     return f"council_fast_{kind}_{digest.hexdigest()[:12]}", sources, cflags
 

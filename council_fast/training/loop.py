@@ -1,7 +1,8 @@
 """The training loop: data, the iterations, snapshots, contact sheets, resume and stop requests.
 
 :func:`train` runs a :class:`TrainRequest` (what the ``train`` command parsed) to the end or to a
-stop request and returns the exit status (0 done, 130 stopped by Ctrl-C before the target). Problems
+stop request and returns the exit status (0 done, 130 or 143 stopped by Ctrl-C or SIGTERM before the target).
+A loss gone NaN/inf raises :class:`NonFiniteLoss` (nothing of that iteration saved). Problems
 found before training starts raise :class:`TrainError` (or a config / checkpoint / data error).
 
 Files keep the official numbering: the official per-member files and sample images after N
@@ -27,13 +28,13 @@ from tqdm import tqdm
 from .. import checkpoint as ckpt
 from ..config import ConfigError, load_config
 from ..data import TrainPairLoader, load_test_images
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, report_stale_temp_files
 from ..images import save_grid
 from . import distributed as dp
 from . import make_trainer
 from .common import TrainerBase, seed_everything
 
-__all__ = ["TrainRequest", "TrainError", "train", "StopRequest"]
+__all__ = ["TrainRequest", "TrainError", "train", "StopRequest", "NonFiniteLoss", "check_finite_losses"]
 
 
 class TrainError(ValueError):
@@ -55,29 +56,50 @@ class TrainRequest:
 
 
 class StopRequest:
-    """First Ctrl-C: finish the iteration, save, stop. Second: stop at once."""
+    """First Ctrl-C or SIGTERM: finish the iteration, save, stop (exit 130 or 143). Second: stop at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signum = None
+        self._previous = {}
 
     def __enter__(self):
         try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave Ctrl-C alone
-            self._previous = None
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        except ValueError:  # not the main thread: leave the signals alone
+            self._previous = {}
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this iteration and saving (Ctrl-C again to stop now)", file=sys.stderr)
+        self.requested, self.signum = True, signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: stopping after this iteration and saving (Ctrl-C again to stop now)", file=sys.stderr)
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
         return False
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss became NaN or infinite: training stops without saving the poisoned weights."""
+
+
+def check_finite_losses(losses: dict, iteration: int) -> None:
+    """NonFiniteLoss naming the iteration and the first non-finite loss (reads the losses: a GPU sync)."""
+    for name, value in losses.items():
+        if not math.isfinite(float(value)):
+            raise NonFiniteLoss(f"iteration {iteration}: loss {name!r} is {float(value)}; training stopped, "
+                                f"nothing of this iteration saved (the last good checkpoint is kept); a lower "
+                                f"lr or loss weights may help")
 
 
 def train(request: TrainRequest) -> int:
@@ -109,7 +131,7 @@ def _resolve_config(request: TrainRequest, checkpoint_dir: str):
         path = ckpt.latest_full_state_path(checkpoint_dir) if os.path.isdir(checkpoint_dir) else None
         if path is None:
             raise ckpt.CheckpointError(f"{checkpoint_dir}: nothing to resume (no state_<n>.pt or latest.txt)")
-        state = ckpt.load_full_state(path)
+        state = ckpt.load_resume_state(path)
         config = state["config"]
         if request.config is not None and load_config(request.config) | {"data_root": None} != config | {"data_root": None}:
             warnings.warn(f"--config {request.config} differs from the config saved in {path}; resuming with the saved one")
@@ -198,6 +220,8 @@ def _prepare(request: TrainRequest, ctx) -> _Run:
         _resume(trainer, loader, state)
     writer = dp.is_writer(hooks)
     if writer:
+        for folder in (out, checkpoint_dir, image_dir):
+            report_stale_temp_files(folder)
         os.makedirs(checkpoint_dir, exist_ok=True)
         write_config(config, os.path.join(out, "config.yaml"))
     test_images = {d: load_test_images(config["data_root"], "A" if d == "a2b" else "B", config["new_size"],
@@ -211,9 +235,10 @@ def _train_on(request: TrainRequest, ctx) -> int:
     target = request.iters if request.iters is not None else config["max_iter"] + 1
     start_iter = trainer.iteration
     with StopRequest() as stop:
-        saved_at = _iterate(run, target, stop)
+        saved_at, losses = _iterate(run, target, stop)
         # Only at an iteration boundary: a second Ctrl-C mid-iteration leaves the last checkpoint as is.
         if trainer.iteration != start_iter and saved_at != trainer.iteration:
+            check_finite_losses(losses, trainer.iteration)
             run.save_official()
             run.save_full()
             run.save_images()
@@ -221,14 +246,15 @@ def _train_on(request: TrainRequest, ctx) -> int:
         print(f"saved iteration {trainer.iteration} to {run.checkpoint_dir}", file=sys.stderr)
     else:
         print(f"nothing to do: already at iteration {trainer.iteration} (--iters {target})", file=sys.stderr)
-    return 130 if stop.requested and trainer.iteration < target else 0
+    return stop.exit_status if stop.requested and trainer.iteration < target else 0
 
 
-def _iterate(run: _Run, target: int, stop: StopRequest) -> int | None:
-    """Iterations until ``target`` or a stop request; returns the iteration last saved in full (or None)."""
+def _iterate(run: _Run, target: int, stop: StopRequest) -> tuple[int | None, dict | None]:
+    """Iterations until ``target`` or a stop request; returns the iteration last saved in full (or None)
+    and the last iteration's losses (None when none ran)."""
     trainer, config = run.trainer, run.config
     rel = max(config["dis"]["numberOf_dis_relative_iteration"], 1)
-    saved_at = None
+    saved_at, losses = None, None
     bar = tqdm(total=target, initial=min(trainer.iteration, target), unit="it", dynamic_ncols=True,
                mininterval=1.0, file=sys.stderr, disable=not run.writer)
     start, start_iter = time.perf_counter(), trainer.iteration
@@ -240,6 +266,8 @@ def _iterate(run: _Run, target: int, stop: StopRequest) -> int | None:
             losses = trainer.step(*run.next_batch(), update_lr=False)
             done = trainer.iteration
             snapshot = (done + 1) % config["snapshot_save_iter"] == 0
+            if snapshot:
+                check_finite_losses(losses, done)
             if (done + 1) % config["image_save_iter"] == 0:
                 run.save_images()
             if snapshot:  # official order: save, then step the LR schedule
@@ -252,13 +280,14 @@ def _iterate(run: _Run, target: int, stop: StopRequest) -> int | None:
             # Reading losses syncs the GPU: at most about once a second, whatever log_iter says.
             if (done % config["log_iter"] == 0 and now - shown_at >= 1.0) or done == target:
                 shown_at = now
+                check_finite_losses(losses, done)
                 rate = (done - start_iter) / max(now - start, 1e-9)
                 bar.set_postfix(summarise_losses(losses) | {"it/s": f"{rate:.2f}"}, refresh=False)
             bar.update(1)
     finally:
         bar.close()
         run.loader.close()
-    return saved_at
+    return saved_at, losses
 
 
 def save_full_state(trainer: TrainerBase, loader, checkpoint_dir: str) -> None:

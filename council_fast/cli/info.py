@@ -5,6 +5,11 @@ import argparse
 import os
 import platform
 
+import torch
+
+from ..ops import _backend
+from ..version import __version__
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--build", action="store_true",
@@ -13,10 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _versions() -> dict:
-    import torch
-    out = {"council-fast": __import__("council_fast").__version__, "python": platform.python_version(),
+    out = {"council-fast": __version__, "python": platform.python_version(),
            "torch": torch.__version__, "cuda (torch)": torch.version.cuda or "none"}
-    try:
+    try:  # an optional extra
         import triton
         out["triton"] = triton.__version__
     except Exception as e:  # noqa: BLE001
@@ -25,9 +29,6 @@ def _versions() -> dict:
 
 
 def run(args) -> int:
-    import torch
-
-    from .ops import _backend
     for key, value in _versions().items():
         print(f"{key:>14}: {value}")
     print(f"{'cpu':>14}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

@@ -10,6 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 
+import torch
+
+from ..checkpoint import latest_full_state_path
+from ..data import make_synthetic_dataset
+from . import main
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_out", help="output folder (default: %(default)s)")
@@ -20,12 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    import torch
-
-    from .checkpoint import latest_full_state_path
-    from .cli import main
-    from .data import make_synthetic_dataset
-
     if args.iters < 1:
         raise SystemExit("council-fast demo: error: --iters must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
