@@ -22,7 +22,7 @@ from .checkpoint import CheckpointError, check_state_dict, describe_generator, g
     latest_full_state_path, load_full_state, load_generator_states
 from .config import load_config, validate_config
 from .cuda_graphs import GraphedCall
-from .fast_generator import FastGenerator
+from .lowering import FastGenerator
 from .images import as_rgb8, fit_square, pil_to_tensor, tensor_to_pil
 from .ops import resolve_backend
 from .reference.networks import AdaINGen
