@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from .distributed import launched_by_torchrun, setup
+from .training.distributed import launched_by_torchrun, setup
 
 __all__ = ["Ranks", "join", "launched_by_torchrun"]
 

@@ -35,7 +35,7 @@ class CudaGraphError(RuntimeError):
 class CudaGraphCapturer:
     """Captures callables as CUDA graphs on one device; warm-ups and captures share one side stream.
 
-    The interface both graph users (:class:`GraphedCall`, :mod:`council_fast.train_graphs`) work
+    The interface both graph users (:class:`GraphedCall`, :mod:`council_fast.training.graphs`) work
     through, so tests can put a CPU emulation in its place: ``run_eager(fn)`` and ``capture(fn) ->
     (replay, outputs)``; capturing records ``fn``'s kernels without running them. Each graph has its
     own memory pool: a shared pool is only safe when graphs replay in capture order.

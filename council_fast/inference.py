@@ -23,7 +23,7 @@ from .checkpoint import CheckpointError, check_state_dict, describe_generator, g
 from .config import load_config, validate_config
 from .cuda_graphs import GraphedCall
 from .evalrecord import EVAL_STATE_KEY, EvalRecord
-from .fast_generator import FastGenerator
+from .lowering import FastGenerator
 from .images import as_rgb8, fit_square, pil_to_tensor, tensor_to_pil
 from .ops import resolve_backend
 from .reference.networks import AdaINGen

@@ -36,10 +36,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .batched import normalised_bias_keys
-from .fused_trainer import FusedCouncilTrainer
+from .lowering import UnsupportedForFusion, meta_template, normalised_bias_keys
 from .reference import AdaINGen
-from .trainer import CouncilTrainer
+from .training import CouncilTrainer, FusedCouncilTrainer, why_not_fused
 
 TOLERANCES = {"fp32": 1e-4, "bf16": 2e-2}
 # A normalised-away bias's gradient counts as zero below this fraction of its network's largest gradient.
@@ -54,9 +53,7 @@ __all__ = ["check_parity", "ParityReport", "GradientRecorder", "Comparison", "co
 
 def dead_parameter_keys(config: dict) -> set[str]:
     """Official keys of the generator's normalised-away biases."""
-    with torch.device("meta"):
-        template = AdaINGen(3, dict(config["gen"]))
-    return set(normalised_bias_keys(template))
+    return set(normalised_bias_keys(meta_template(lambda: AdaINGen(3, dict(config["gen"])))))
 
 
 class GradientRecorder:
@@ -68,7 +65,7 @@ class GradientRecorder:
     def __init__(self, trainer):
         self.grads: dict[tuple, torch.Tensor] = {}
         self._handles = []
-        if getattr(trainer, "fallback", None) == []:
+        if isinstance(trainer, FusedCouncilTrainer):
             self._attach_fused(trainer)
         else:
             self._attach_reference(trainer)
@@ -305,11 +302,12 @@ def check_parity(config: dict, device: str = "cpu", precision: str = "fp32", ite
     notes = []
     if before_iter >= start:
         notes.append(f"--iters-before {before_iter} is not before council_start_at_iter ({start})")
+    reasons = why_not_fused(config)
+    if reasons:
+        raise UnsupportedForFusion("the fused engine does not implement " + "; ".join(reasons)
+                                   + " (the reference engine runs this config: nothing to compare)")
     reference = CouncilTrainer(config, device, seed=seed)
     fused = FusedCouncilTrainer(config, device, seed=seed, precision=precision)
-    if fused.fallback:
-        notes.append("the fused engine runs the reference step for this config (" + "; ".join(fused.fallback)
-                     + "): the comparison below checks that path")
     x_a, x_b = synthetic_batch(config, batch, size, seed, device)
     dead = dead_parameter_keys(config)
     init = Comparison("initial weights")

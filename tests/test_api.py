@@ -13,7 +13,7 @@ from council_fast import checkpoint as ckpt
 from council_fast.checkpoint import CheckpointError
 from council_fast.cli import convert as convert_cmd
 from council_fast.config import packaged_config
-from council_fast.fast_generator import FastGenerator
+from council_fast.lowering import FastGenerator
 from council_fast.reference.networks import AdaINGen
 
 SIZE = 32  # the tiny config's new_size

@@ -10,7 +10,7 @@ from _graph_emulator import RecordingCapturer
 from council_fast.cli.convert import add_arguments
 from council_fast.inference import ConvertError, Converter
 from council_fast.cuda_graphs import CudaGraphError, GraphedCall
-from council_fast.fast_generator import FastGenerator
+from council_fast.lowering import FastGenerator
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a CUDA device; this machine has none")
 

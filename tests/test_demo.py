@@ -13,8 +13,8 @@ from council_fast.cli import demo
 from council_fast.colour_distance import channel_quantiles, colour_distance
 from council_fast.config import ignored_official_keys, load_config, official_keys_notice, packaged_config
 from council_fast.data import TrainPairLoader, make_shapes_dataset
-from council_fast.fused_trainer import unfused_switches
-from council_fast.trainer import CouncilTrainer
+from council_fast.training import why_not_fused
+from council_fast.training.reference import CouncilTrainer
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -79,7 +79,7 @@ def test_colour_distance_bounds_and_known_values():
 
 def test_demo_config_keeps_its_learning_rate_and_runs_fused():
     config = packaged_config("demo")
-    assert unfused_switches(config) == []
+    assert why_not_fused(config) == []
     assert config["lr_policy"] == "constant" or config["step_size"] > demo.DEMO_ITERS
     assert config["council"]["council_start_at_iter"] < demo.DEMO_ITERS
     assert config["gen"]["n_downsample"] == 2 and config["new_size"] % 4 == 0

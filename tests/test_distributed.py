@@ -9,8 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from council_fast.config import packaged_config
-from council_fast.distributed import TorchDistributedHooks, is_writer, shard
-from council_fast.fused_trainer import DataParallelHooks, FusedCouncilTrainer
+from council_fast.training.distributed import TorchDistributedHooks, is_writer, shard
+from council_fast.training import DataParallelHooks, FusedCouncilTrainer
 from council_fast.parity import GradientRecorder, synthetic_batch
 
 WORLD = 2

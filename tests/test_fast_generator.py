@@ -12,8 +12,8 @@ import warnings
 import pytest
 import torch
 
-from council_fast import fast_generator as fast_generator_mod
-from council_fast.fast_generator import FastGenerator
+from council_fast import lowering as fast_generator_mod
+from council_fast.lowering import FastGenerator
 from council_fast.ops import registry
 from council_fast.ops import adain as adain_mod
 from council_fast.ops import winograd as winograd_mod
@@ -187,10 +187,10 @@ def test_backend_choice(monkeypatch, tiny_config):
         # COUNCIL_FAST_BACKEND picks the back-end when the constructor leaves it open.
         fast = FastGenerator.from_reference(ref)
         monkeypatch.setenv("COUNCIL_FAST_BACKEND", "reference")
-        assert fast._backend_for(x) == "reference"
+        assert fast.kernel_backend_for(x) == "reference"
         _assert_close(fast.translate(x, z), expected, 1e-5, "env reference")
         monkeypatch.setenv("COUNCIL_FAST_BACKEND", "cpu")
-        assert fast._backend_for(x) == "cpu"
+        assert fast.kernel_backend_for(x) == "cpu"
         _assert_close(fast.translate(x, z), expected, 1e-5, "env cpu")
         monkeypatch.delenv("COUNCIL_FAST_BACKEND")
 
@@ -202,7 +202,7 @@ def test_backend_choice(monkeypatch, tiny_config):
             warnings.simplefilter("always")
             auto = FastGenerator.from_reference(ref, backend="auto")
             _assert_close(auto.translate(x, z), expected, 1e-5, "auto fallback")
-            assert auto._backend_for(x) == "reference"
+            assert auto.kernel_backend_for(x) == "reference"
         assert any("falling back to the reference" in str(w.message) for w in caught)
         with pytest.raises(BackendUnavailable):
             FastGenerator.from_reference(ref, backend="auto", strict=True).translate(x, z)
@@ -276,7 +276,7 @@ def test_channels_last_norm(device, dtype, tol, grad_tol, affine, relu, residual
     res = make(batch, channels, height, width).contiguous(memory_format=torch.channels_last) if residual else None
     leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, weight, bias, res)]
     ref_leaves = [t.detach().float().requires_grad_() if t is not None else None for t in (x, weight, bias, res)]
-    out = fast_generator_mod._channels_last_norm(leaves[0], leaves[1], leaves[2], relu, leaves[3])
+    out = fast_generator_mod.channels_last_norm(leaves[0], leaves[1], leaves[2], relu, leaves[3])
     if affine:
         expected = adain_mod.adain_reference(ref_leaves[0], ref_leaves[1], ref_leaves[2], ref_leaves[3], relu)
     else:

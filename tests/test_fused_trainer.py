@@ -1,4 +1,4 @@
-"""The fused training engine against the reference engine (council_fast.trainer)."""
+"""The fused training engine against the reference engine (council_fast.training)."""
 from __future__ import annotations
 
 import copy
@@ -9,13 +9,15 @@ import pytest
 import torch
 
 from council_fast import checkpoint as ckpt
-from council_fast.batched import (StackedAdaINGen, StackedMsImageDis, StackedMsImageDisCouncil,
-                                  lsgan_dis_loss_per_member, lsgan_gen_loss_per_member, normalised_bias_keys)
+from council_fast.lowering import StackedAdaINGen, normalised_bias_keys
+from council_fast.training.discriminators import (StackedMsImageDis, StackedMsImageDisCouncil,
+                                                  lsgan_dis_loss_per_member, lsgan_gen_loss_per_member)
 from council_fast.config import packaged_config
-from council_fast.fused_trainer import FusedCouncilTrainer, unfused_switches
+from council_fast.training import make_trainer
+from council_fast.training.fused import FusedCouncilTrainer, unfused_switches
 from council_fast.parity import dead_parameter_keys, run_iteration, synthetic_batch
 from council_fast.reference import AdaINGen, MsImageDis, MsImageDisCouncil, lsgan_dis_loss, lsgan_gen_loss
-from council_fast.trainer import CouncilTrainer
+from council_fast.training.reference import CouncilTrainer
 from _backends import require_backend
 from _compare import assert_states_close
 
@@ -157,7 +159,7 @@ def _pair(config, seed=0):
 
 def test_same_initial_weights_noise_and_display_codes(config):
     ref, fused = _pair(config)
-    assert not fused.fallback
+    assert fused.engine == "fused" and not hasattr(fused, "nets")  # builds only the stacked networks
     r, f = ref.network_states(), fused.network_states()
     for d in r:
         for kind in r[d]:
@@ -307,27 +309,37 @@ def _float64_translation(gen, x, z):
 # ---------------------------------------------------------------------- fallback
 
 def test_uncovered_switch_falls_back_with_one_warning(config):
+    """engine auto: the reference engine, with one warning naming the switches; engine fused: an error."""
     c = copy.deepcopy(config)
     c["council"]["flipOnOff"] = True
     c["gen"]["useRandomDis"] = True
     assert unfused_switches(c) == ["council.flipOnOff = true", "gen.useRandomDis = true"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fused = FusedCouncilTrainer(c, "cpu", seed=0)
-    mine = [w for w in caught if "reference training step" in str(w.message)]
+        chosen = make_trainer(c, "auto", "cpu", seed=0)
+    mine = [w for w in caught if "reference engine" in str(w.message)]
     assert len(mine) == 1 and "flipOnOff" in str(mine[0].message) and "useRandomDis" in str(mine[0].message)
-    assert fused.fallback
+    assert isinstance(chosen, CouncilTrainer) and chosen.engine == "reference"
     ref = CouncilTrainer(c, "cpu", seed=0)
-    ref.iteration = fused.iteration = c["council"]["council_start_at_iter"]
+    ref.iteration = chosen.iteration = c["council"]["council_start_at_iter"]
     x = synthetic_batch(c, 2, SIZE, 0, "cpu")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        lf = fused.step(*x)
-    assert not [w for w in caught if "reference training step" in str(w.message)]  # once, not per step
+        lf = chosen.step(*x)
+    assert not [w for w in caught if "reference engine" in str(w.message)]  # once, not per step
     lr_ = ref.step(*x)
     assert set(lf) == set(lr_) and any("/council/" in k for k in lf)
     assert all(torch.equal(lf[k], lr_[k]) for k in lf if isinstance(lf[k], torch.Tensor))
-    assert fused.state_dict()["engine"] == "fused"
+    switches = "council.flipOnOff = true; gen.useRandomDis = true"
+    with pytest.raises(NotImplementedError, match="--engine fused: the fused engine does not implement " + switches):
+        make_trainer(c, "fused", "cpu")
+    with pytest.raises(NotImplementedError, match="does not implement: " + switches):
+        FusedCouncilTrainer(c, "cpu")
+    with pytest.raises(NotImplementedError, match="--precision bf16: the fused engine does not implement"):
+        make_trainer(c, "auto", "cpu", precision="bf16")
+    with pytest.raises(ValueError, match="--precision bf16 needs the fused engine"):
+        make_trainer(config, "reference", "cpu", precision="bf16")
+    assert isinstance(make_trainer(config, "auto", "cpu"), FusedCouncilTrainer)
 
 
 def test_fused_engine_covers_the_shipped_configs():

@@ -31,6 +31,7 @@ from council_fast import fileio, images
 from council_fast.cli import main
 from council_fast.config import ConfigError, load_config
 from council_fast.ops import extension
+from council_fast.training import CouncilTrainer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -462,7 +463,6 @@ def test_8_binary_or_huge_files_are_not_configs(tmp_path, content):
 
 def test_8_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
         micro_config, synthetic_data, tmp_path, monkeypatch, capsys):
-    from council_fast.trainer import CouncilTrainer
     cfg = _write_config(micro_config, tmp_path / "c.yaml", snapshot_save_iter=1, image_save_iter=1000)
     original = CouncilTrainer.step
 

@@ -20,7 +20,7 @@ from council_fast.evalrecord import EvalRecord
 from council_fast.metrics import evaluate_members, load_inception
 from council_fast.report import summarize
 from council_fast.runlog import RunLog, read_log, tensorboard_available
-from council_fast.trainer import CouncilTrainer
+from council_fast.training import make_trainer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -119,7 +119,7 @@ def test_eval_record_best_member():
 
 def _tiny_checkpoint(tmp_path) -> str:
     config = packaged_config("tiny")
-    trainer = CouncilTrainer(config, "cpu", seed=0)
+    trainer = make_trainer(config, "reference", device="cpu", seed=0)
     trainer.save_official(tmp_path / "ckpt")
     return str(tmp_path / "ckpt" / "00000001")
 

@@ -5,9 +5,11 @@ import argparse
 
 import pytest
 import torch
+import yaml
 
-from council_fast import fused_trainer
 from council_fast.cli import parity
+from council_fast.training import fused as fused_trainer
+from council_fast.config import load_config
 from council_fast.parity import compare_iteration
 
 torch.set_num_threads(2)
@@ -61,6 +63,18 @@ def test_cuda_request_without_cuda_is_an_error(capsys):
         pytest.skip("a CUDA device is present")
     status, _ = _run(["--device", "cuda"], capsys)
     assert status == 2
+
+
+def test_a_config_the_fused_engine_does_not_implement_is_refused(tmp_path, capsys):
+    config = load_config("tiny")
+    config["dis"]["gan_type"] = "nsgan"
+    path = tmp_path / "nsgan.yaml"
+    path.write_text(yaml.safe_dump(config))
+    parser = argparse.ArgumentParser()
+    parity.add_arguments(parser)
+    assert parity.run(parser.parse_args(["--config", str(path)])) == 2
+    err = capsys.readouterr().err
+    assert "does not implement dis.gan_type = nsgan" in err and "nothing to compare" in err
 
 
 def _one_parameter_iteration(grad_ref, grad_fused, before, after_ref, after_fused, lr=1e-4):

@@ -1,4 +1,4 @@
-"""Graph capture of the fused training iteration (council_fast.train_graphs).
+"""Graph capture of the fused training iteration (council_fast.training.graphs).
 
 On the CPU the CUDA graph is emulated (tests/_graph_emulator.py: the captured ops are recorded with
 their tensors and replayed on them, host reads inside the capture raise), so what a graph gets wrong
@@ -20,7 +20,7 @@ from _compare import assert_states_close
 from _graph_emulator import HostReadDuringCapture, RecordingCapturer
 from council_fast.config import packaged_config
 from council_fast.cuda_graphs import CudaGraphError
-from council_fast.fused_trainer import DataParallelHooks, FusedCouncilTrainer
+from council_fast.training import DataParallelHooks, FusedCouncilTrainer, make_trainer
 from council_fast.parity import dead_parameter_keys, synthetic_batch
 
 SIZE = 32
@@ -234,8 +234,8 @@ def test_graphs_are_refused_where_they_cannot_work(config):
         with pytest.raises(NotImplementedError, match="one process only"):
             FusedCouncilTrainer(config, "cpu", cuda_graphs=True, hooks=hooks, graph_capturer=RecordingCapturer())
     config["council"]["flipOnOff"] = True  # not in the fused step: the reference step would run, ungraphed
-    with pytest.raises(NotImplementedError, match="CUDA graphs needs the fused step.*flipOnOff"):
-        FusedCouncilTrainer(config, "cpu", cuda_graphs=True, graph_capturer=RecordingCapturer())
+    with pytest.raises(NotImplementedError, match="--cuda-graphs: the fused engine does not implement.*flipOnOff"):
+        make_trainer(config, "auto", "cpu", cuda_graphs=True, graph_capturer=RecordingCapturer())
 
 
 # ---------------------------------------------------------------------- the emulator itself

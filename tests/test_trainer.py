@@ -14,7 +14,7 @@ import yaml
 from council_fast import checkpoint as ckpt
 from council_fast.cli import main
 from council_fast.data import DataError, TrainPairLoader, make_synthetic_dataset
-from council_fast.trainer import CouncilTrainer
+from council_fast.training.reference import CouncilTrainer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -203,7 +203,7 @@ def test_both_directions_train(micro_config):
 
 
 def test_flip_on_off_schedule():
-    from council_fast.trainer import _flip_on
+    from council_fast.training.common import flip_on as _flip_on
     council = {"flipOnOff_On_iteration": 3, "flipOnOff_Off_iteration": 2, "flipOnOff_start_with": True}
     assert [_flip_on(council, it) for it in range(7)] == [True, True, True, False, False, True, True]
     council["flipOnOff_start_with"] = False  # starts off for Off iterations, then on

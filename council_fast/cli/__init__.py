@@ -15,7 +15,7 @@ from ..version import __version__
 # name -> (module, one-line help); modules are imported when the parser is built
 COMMANDS = {
     "demo": ("council_fast.cli.demo", "train a small council on built-in synthetic shapes, then convert with it"),
-    "train": ("council_fast.trainer", "train a council (reference or fused engine) on an official data folder"),
+    "train": ("council_fast.cli.train", "train a council (reference or fused engine) on an official data folder"),
     "convert": ("council_fast.cli.convert", "translate image files or folders with trained generators"),
     "parity": ("council_fast.cli.parity", "check that the fused training engine reproduces the reference iteration"),
     "bench": ("council_fast.cli.bench", "benchmark reference eager, torch.compile and the fused engine"),

@@ -22,9 +22,9 @@ from .. import checkpoint as ckpt
 from ..colour_distance import colour_distance
 from ..config import packaged_config
 from ..data import SHAPES_B_TO_A, load_test_images, make_shapes_dataset
-from ..fused_trainer import unfused_switches
+from ..training import why_not_fused
 from ..threads import add_threads_argument, set_threads
-from ..trainer import CouncilTrainer
+from ..training.reference import CouncilTrainer
 from . import main
 
 DEMO_CONFIG = "demo"
@@ -74,7 +74,7 @@ def run(args) -> int:
         raise SystemExit("council-fast demo: error: --device cuda: no CUDA device is available")
     config = packaged_config(DEMO_CONFIG)
     threads = ["--threads", str(set_threads(args.threads))]
-    engine = args.engine if not unfused_switches(config) else "reference"
+    engine = args.engine if not why_not_fused(config) else "reference"
     data = os.path.join(args.out, "shapes")
     if not os.path.isdir(os.path.join(data, "testB")):
         print(f"writing the synthetic shapes set to {data} ({SHAPES_B_TO_A})")

@@ -7,7 +7,8 @@ and every parameter after it (what is compared and why: :mod:`council_fast.parit
 ``--precision bf16`` only the losses are held to the bf16 tolerance (2e-2); gradients and parameters
 are printed for information.
 
-Exit status 0 when every checked figure is within tolerance (fp32: 1e-4; bf16: 2e-2), 1 otherwise.
+Exit status 0 when every checked figure is within tolerance (fp32: 1e-4; bf16: 2e-2), 1 otherwise, 2 when
+it cannot start (no CUDA device, a bad config, or a config the fused engine does not implement).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import sys
 import torch
 
 from ..config import ConfigError, load_config
+from ..lowering import UnsupportedForFusion
 from ..parity import TOLERANCES, Comparison, check_parity
 
 
@@ -58,8 +60,12 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"council-fast parity: error: {e}", file=sys.stderr)
         return 2
-    report = check_parity(config, args.device, args.precision, args.iters_before, args.iters_after, args.batch,
-                          args.size, args.seed, args.tolerance)
+    try:
+        report = check_parity(config, args.device, args.precision, args.iters_before, args.iters_after, args.batch,
+                              args.size, args.seed, args.tolerance)
+    except UnsupportedForFusion as e:  # nothing to compare: could not start
+        print(f"council-fast parity: error: {e}", file=sys.stderr)
+        return 2
     for note in report.notes:
         print(f"note: {note}")
     print(f"parity: fused ({args.precision}) vs reference, config {args.config}, device {args.device}, "

@@ -185,9 +185,8 @@ def record_engine_launches(size: int = 256, batch: int = 1, train_size: int = 12
     """The launches of conversion (FastGenerator, ``size``; fp32, bf16, fp16 weights and activations, as
     `convert` runs it) and of a training step's generator passes (the stacked council, ``train_size``;
     fp32 and bf16 autocast), forward and backward."""
-    from ..batched import StackedAdaINGen
     from ..config import packaged_config
-    from ..fast_generator import FastGenerator
+    from ..lowering import FastGenerator, StackedAdaINGen
     from ..reference.networks import AdaINGen
 
     params = packaged_config(config)["gen"]

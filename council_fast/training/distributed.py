@@ -1,4 +1,4 @@
-"""Data-parallel training of the fused engine with torch.distributed (launched by torchrun).
+"""Data-parallel hooks of the fused engine with torch.distributed (launched by torchrun), and the identity hooks of one process.
 
 Every process holds the whole council and trains on its own slice of the global batch. Before each
 optimizer step the gradients are averaged over processes; the loss values that feed the
@@ -22,10 +22,25 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .fused_trainer import DataParallelHooks
-
-__all__ = ["TorchDistributedHooks", "DistributedContext", "launched_by_torchrun", "setup", "shutdown",
+__all__ = ["DataParallelHooks", "TorchDistributedHooks", "DistributedContext", "launched_by_torchrun", "setup", "shutdown",
            "shard", "is_writer"]
+
+
+class DataParallelHooks:
+    """What data-parallel training changes in an iteration (identity for a single process).
+
+    ``world``/``rank``: this process's place; ``mean(t)``: the mean of ``t`` over processes;
+    ``average_gradients(params)``: every parameter's gradient averaged over processes.
+    """
+
+    world = 1
+    rank = 0
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def average_gradients(self, params) -> None:
+        return None
 
 
 class TorchDistributedHooks(DataParallelHooks):

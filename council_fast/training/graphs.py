@@ -11,7 +11,7 @@ iteration (the D, council-D and G updates: forward, backward and Adam) once and 
 - Adam runs with ``capturable=True`` (step counts and bias corrections on the device) and, inside the
   graph, with one device tensor per parameter group as its learning rate; the LR schedule keeps
   working on the groups' float values, which are copied into those tensors before a replay;
-- the loss-matching histories are device tensors already (:mod:`council_fast.fused_trainer`);
+- the loss-matching histories are device tensors already (:mod:`council_fast.training.fused`);
 - the council parts start at ``council_start_at_iter``, so there are two graphs (before and after),
   one per image shape as well; from the start on, the graph from before is dropped (its memory pool
   with it);
@@ -32,8 +32,8 @@ from typing import Callable
 
 import torch
 
-from .cuda_graphs import CudaGraphCapturer, CudaGraphError
-from .ops import strict_mode
+from ..cuda_graphs import CudaGraphCapturer, CudaGraphError
+from ..ops import strict_mode
 
 __all__ = ["GraphedTrainStep"]
 
@@ -51,7 +51,7 @@ class _Slot:
 
 
 class GraphedTrainStep:
-    """Runs a :class:`~council_fast.fused_trainer.FusedCouncilTrainer` iteration as a CUDA graph."""
+    """Runs a :class:`~council_fast.training.fused.FusedCouncilTrainer` iteration as a CUDA graph."""
 
     def __init__(self, trainer, capturer=None, warmup: int = 2, strict: bool | None = None):
         self.trainer = trainer

@@ -1,47 +1,53 @@
 """The fused training engine: the reference iteration with the council batched.
 
-``FusedCouncilTrainer`` has the public interface of :class:`~council_fast.trainer.CouncilTrainer`
-and computes the same iteration (same z draws from the same generator, same council pairs from the
-same ``random.Random``), but
+:class:`FusedCouncilTrainer` has the step interface of :class:`~council_fast.training.common.TrainerBase`
+and computes the reference engine's iteration (same initial weights, same z draws from the same
+generator, same council pairs from the same ``random.Random``), but
 
-- the N generators, the N discriminators and the N council discriminators of a direction are
-  three stacked networks (:mod:`council_fast.batched`): one grouped pass per update instead of N;
-- the D update runs fakes and reals as one batch; the council-D update gathers every member's
-  chosen partners on the device and runs all N x K comparisons in one pass, forward and backward;
+- the N generators, the N discriminators and the N council discriminators of a direction are three
+  stacked networks (:class:`council_fast.lowering.StackedAdaINGen`, :mod:`.discriminators`): one
+  grouped pass per update instead of N; it builds only those (the initial weights are drawn straight
+  into them, :func:`~council_fast.training.common.draw_initial_weights`);
+- the D update runs fakes and reals as one batch; the council-D update gathers every member's chosen
+  partners on the device and runs all N x K comparisons in one pass, forward and backward;
 - the loss-matching histories are device tensors, so an iteration never waits for the device;
 - one Adam per network kind over the stacked tensors (Adam is elementwise, so that is N Adams);
-- optional bf16 autocast (fp32 master weights and losses).
+- optional bf16 autocast (fp32 master weights and losses);
+- optional lowerings of the generators that change rounding (``upsample_conv``: upsample + 3x3 conv as
+  four phase convs; ``winograd``: CPU Winograd for wide 3x3 convs), off by default: see
+  :mod:`council_fast.lowering`.
 
 It reads and writes the reference engine's full-state checkpoint (per-member state dicts in the
-official key layout, per-member optimizer states), so either engine resumes the other's run.
-Config switches the fused step does not implement run on the reference step (one warning).
+official key layout, per-member optimizer states), so either engine resumes the other's run. It
+covers the configs :func:`why_not_fused` finds nothing in; building it for another is an error
+naming the switches (:func:`council_fast.training.make_trainer` chooses the engine).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import random
-import re
-import warnings
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from . import checkpoint as ckpt
-from .batched import (StackedAdaINGen, StackedMsImageDis, StackedMsImageDisCouncil, UnsupportedForFusion,
-                      lsgan_dis_loss_per_member, lsgan_gen_loss_per_member)
-from .reference import AdaINGen
-from .trainer import CouncilTrainer, _numpy_rng, _python_rng
+from .. import checkpoint as ckpt
+from ..lowering import StackedAdaINGen, UnsupportedForFusion, lower, lower_generator, meta_template
+from ..reference import AdaINGen, MsImageDis, MsImageDisCouncil
+from .common import (HISTORIES, TrainerBase, draw_initial_weights, make_adam, make_scheduler, step_schedulers)
+from .discriminators import (StackedMsImageDis, StackedMsImageDisCouncil, lsgan_dis_loss_per_member,
+                             lsgan_gen_loss_per_member)
+from .distributed import DataParallelHooks
+from .graphs import GraphedTrainStep
 
-__all__ = ["FusedCouncilTrainer", "PRECISIONS", "unfused_switches", "DataParallelHooks", "IterationDraws"]
+__all__ = ["FusedCouncilTrainer", "PRECISIONS", "why_not_fused", "unfused_switches", "IterationDraws"]
 
 PRECISIONS = ("fp32", "bf16")
 _OPTIMIZER_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+_MATCHED = ("gan", "council")  # the histories the fused step keeps on the device
 
 
 def unfused_switches(config: dict) -> list[str]:
-    """Config settings the fused step does not implement (each makes the engine use the reference step)."""
+    """Config switches the fused step does not implement (the reference engine honours them)."""
     c = config
     found = [f"{key} = {c[key]}" for key in ("council_abs_w", "mask_zero_or_one_w", "mask_total_w", "mask_tv_w",
                                                "abs_beginning_end") if c[key] != 0]
@@ -58,21 +64,24 @@ def unfused_switches(config: dict) -> list[str]:
     return found
 
 
-class DataParallelHooks:
-    """What data-parallel training changes in an iteration (identity for a single process).
-
-    ``world``/``rank``: this process's place; ``mean(t)``: the mean of ``t`` over processes;
-    ``average_gradients(params)``: every parameter's gradient averaged over processes.
-    """
-
-    world = 1
-    rank = 0
-
-    def mean(self, t: torch.Tensor) -> torch.Tensor:
-        return t
-
-    def average_gradients(self, params) -> None:
-        return None
+def why_not_fused(config: dict) -> list[str]:
+    """Why the fused engine does not cover ``config`` (empty: it does): the switches it does not implement,
+    or a layer the lowering does not handle."""
+    reasons = unfused_switches(config)
+    if reasons:
+        return reasons
+    try:
+        for d in ("a2b", "b2a"):
+            if config[f"do_{d}"]:
+                dim = config["input_dim_a"] if d == "a2b" else config["input_dim_b"]
+                lower_generator(meta_template(lambda: AdaINGen(dim, dict(config["gen"]))))
+                for dis in (MsImageDis, MsImageDisCouncil):
+                    template = meta_template(lambda: dis(dim, dict(config["dis"])))
+                    for s, cnn in enumerate(template.cnns):
+                        lower(cnn, f"cnns.{s}")
+    except UnsupportedForFusion as e:
+        return [str(e)]
+    return []
 
 
 @dataclass
@@ -108,82 +117,74 @@ class IterationDraws:
             t.copy_(theirs[name], non_blocking=True)
 
 
-class FusedCouncilTrainer(CouncilTrainer):
-    """Same interface and iteration as CouncilTrainer; the council batched (see the module doc)."""
+class FusedCouncilTrainer(TrainerBase):
+    """The council batched (see the module doc); the step interface of TrainerBase."""
 
     engine = "fused"
 
     def __init__(self, config: dict, device: str | torch.device = "cpu", seed: int | None = None,
                  precision: str = "fp32", hooks: DataParallelHooks | None = None, cuda_graphs: bool = False,
-                 graph_capturer=None, strict: bool | None = None):
-        """``cuda_graphs``: replay each iteration as a CUDA graph (:mod:`council_fast.train_graphs`; one
-        process only). ``graph_capturer`` replaces the CUDA-graph capturer (tests emulate it on the CPU)."""
+                 graph_capturer=None, strict: bool | None = None, upsample_conv: bool = False,
+                 winograd: bool = False):
+        """``cuda_graphs``: replay each iteration as a CUDA graph (:mod:`.graphs`; one process only).
+        ``graph_capturer`` replaces the CUDA-graph capturer (tests emulate it on the CPU)."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        reasons = why_not_fused(config)
+        if reasons:
+            raise NotImplementedError("the fused engine does not implement: " + "; ".join(reasons)
+                                      + " (use the reference engine: --engine reference)")
+        self.hooks = hooks or DataParallelHooks()
         self.cuda_graphs = bool(cuda_graphs)
         if self.cuda_graphs:
-            if hooks is not None and type(hooks) is not DataParallelHooks:  # torchrun, even with one process
+            if type(self.hooks) is not DataParallelHooks:  # torchrun, even with one process
                 raise NotImplementedError("CUDA graphs of the training step run in one process only (the gradient "
                                           "all-reduce is not captured); drop --cuda-graphs under torchrun")
             if torch.device(device).type != "cuda" and graph_capturer is None:
                 raise ValueError(f"CUDA graphs need a CUDA device, got {device!r}")
-        # The reference constructor draws the initial weights, seeds the noise generator and the pair
-        # chooser, and makes the display codes: identical to the reference engine by construction.
         super().__init__(config, device, seed)
         self.precision = precision
-        self.hooks = hooks or DataParallelHooks()
-        reasons = unfused_switches(config)
-        if not reasons:
-            try:
-                self._build_stacked()
-            except UnsupportedForFusion as e:
-                reasons = [str(e)]
-        self.fallback = reasons
-        self.graphs = None
-        if reasons:
-            for what, wanted in (("data-parallel training", self.hooks.world != 1), ("CUDA graphs", self.cuda_graphs)):
-                if wanted:
-                    raise NotImplementedError(f"{what} needs the fused step; this config falls back to the "
-                                              "reference step: " + "; ".join(reasons))
-            warnings.warn("fused engine: running the reference training step because the fused step does not "
-                          "implement: " + "; ".join(reasons), stacklevel=2)
-            return
-        self._foreign_history = {d: {h: [list(q) for q in qs] for h, qs in hs.items() if h not in ("gan", "council")}
-                                 for d, hs in self.history.items()}
-        self.history = None
-        self.nets = None  # the per-member networks live on only as the stacked ones
-        self.optimizers = None
-        self.schedulers = None
-        if self.cuda_graphs:
-            from .train_graphs import GraphedTrainStep
-            self.graphs = GraphedTrainStep(self, capturer=graph_capturer, strict=strict)
+        self._build_stacked(upsample_conv, winograd)
+        self._build_optimizers()
+        self._start_streams()
+        self._build_histories()
+        self.graphs = GraphedTrainStep(self, capturer=graph_capturer, strict=strict) if self.cuda_graphs else None
 
     # ------------------------------------------------------------------ construction
 
-    def _build_stacked(self) -> None:
+    def _build_stacked(self, upsample_conv: bool, winograd: bool) -> None:
         c, n = self.config, self.size
         self.stacked = {}
         for d in self.directions:
             dim = self._input_dim(d)
-            nets = {"gen": StackedAdaINGen(dim, c["gen"], n), "dis": StackedMsImageDis(dim, c["dis"], n)}
+            nets = {"gen": StackedAdaINGen(dim, c["gen"], n, upsample_conv=upsample_conv, winograd=winograd),
+                    "dis": StackedMsImageDis(dim, c["dis"], n)}
             if self.do_dis_council:
                 nets["dis_council"] = StackedMsImageDisCouncil(dim, c["dis"], n)
-            for kind, net in nets.items():
-                net.to(self.device)
-                net.load_members([m.state_dict() for m in self.nets[d][kind]], f"{d} {kind}")
-            self.stacked[d] = nets
+            self.stacked[d] = {kind: net.to(self.device) for kind, net in nets.items()}
+        draw_initial_weights(c, self.directions, n, self._kinds(), self._member_slices)
+
+    def _member_slices(self, direction: str, kind: str, i: int) -> dict:
+        net = self.stacked[direction][kind]
+        return {key: net.stacked(key).data[i] for key in net.state_keys}
+
+    def _build_optimizers(self) -> None:
         self.stacked_optimizers, self.stacked_schedulers = {}, {}
         for kind in self._kinds():
             params = [p for d in self.directions for p in self.stacked[d][kind].stacked_parameters()]
-            opt = torch.optim.Adam(params, lr=c["lr"], betas=(c["beta1"], c["beta2"]), weight_decay=c["weight_decay"],
-                                   **self._adam_flags())
+            opt = make_adam(params, self.config, **self._adam_flags())
             self.stacked_optimizers[kind] = opt
-            self.stacked_schedulers[kind] = (torch.optim.lr_scheduler.StepLR(opt, step_size=c["step_size"],
-                                                                             gamma=c["gamma"])
-                                             if c["lr_policy"] == "step" else None)
-        hist = c["loss_matching_hist_size"]
-        self.match_history = {d: {h: torch.ones(n, hist, dtype=torch.float64, device=self.device)
-                                  for h in ("gan", "council")} for d in self.directions}
+            self.stacked_schedulers[kind] = make_scheduler(opt, self.config)
+
+    def _build_histories(self) -> None:
+        hist = self.config["loss_matching_hist_size"]
+        self.match_history = {d: {h: torch.ones(self.size, hist, dtype=torch.float64, device=self.device)
+                                  for h in _MATCHED} for d in self.directions}
+        # The reference engine's other histories, carried through checkpoints unchanged.
+        self._foreign_history = {d: {h: [[1.0] * hist for _ in range(self.size)] for h in HISTORIES
+                                     if h not in _MATCHED} for d in self.directions}
+
+    # ------------------------------------------------------------------ helpers
 
     def _adam_flags(self) -> dict:
         flags = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
@@ -201,7 +202,7 @@ class FusedCouncilTrainer(CouncilTrainer):
     def _randn(self, batch: int) -> torch.Tensor:
         """This process's slice of the z the whole (all-process) batch draws."""
         world, rank = self.hooks.world, self.hooks.rank
-        z = super()._randn(batch * world)
+        z = TrainerBase._randn(self, batch * world)
         return z[rank * batch:(rank + 1) * batch] if world > 1 else z
 
     def _step_optimizer(self, kind: str) -> None:
@@ -261,8 +262,6 @@ class FusedCouncilTrainer(CouncilTrainer):
         return losses
 
     def _iteration(self, x_a: torch.Tensor, x_b: torch.Tensor) -> dict:
-        if self.fallback:
-            return super()._iteration(x_a, x_b)
         if self.graphs is not None:
             return self.graphs.run(x_a, x_b)
         return self.run_updates(x_a, x_b, self.draw_iteration(x_a, x_b))
@@ -270,8 +269,6 @@ class FusedCouncilTrainer(CouncilTrainer):
     # ------------------------------------------------------------------ the three updates
 
     def dis_update(self, x_a: torch.Tensor, x_b: torch.Tensor, noise: dict | None = None) -> dict:
-        if self.fallback:
-            return super().dis_update(x_a, x_b)
         c = self.config
         self.stacked_optimizers["dis"].zero_grad(set_to_none=True)
         if noise is None:
@@ -311,8 +308,6 @@ class FusedCouncilTrainer(CouncilTrainer):
 
     def dis_council_update(self, x_a: torch.Tensor, x_b: torch.Tensor, noise: dict | None = None,
                            index: torch.Tensor | None = None) -> dict:
-        if self.fallback:
-            return super().dis_council_update(x_a, x_b)
         if noise is None or index is None:  # drawn here when the caller did not draw them (reference order)
             if not self.council_dis_active():
                 return {}
@@ -361,8 +356,6 @@ class FusedCouncilTrainer(CouncilTrainer):
         return total
 
     def gen_update(self, x_a: torch.Tensor, x_b: torch.Tensor, noise: dict | None = None) -> dict:
-        if self.fallback:
-            return super().gen_update(x_a, x_b)
         c = self.config
         self.stacked_optimizers["gen"].zero_grad(set_to_none=True)
         if noise is None:
@@ -402,40 +395,27 @@ class FusedCouncilTrainer(CouncilTrainer):
         return [p for d in self.directions for p in self.stacked[d]["gen"].training_parameters()]
 
     def update_learning_rate(self) -> None:
-        if self.fallback:
-            return super().update_learning_rate()
-        with warnings.catch_warnings():
-            # The council-D optimizer does not step before council_start_at_iter (as in the reference).
-            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
-            for s in self.stacked_schedulers.values():
-                if s is not None:
-                    s.step()
+        # The council-D optimizer does not step before council_start_at_iter (as in the reference).
+        step_schedulers(self.stacked_schedulers.values())
 
     # ------------------------------------------------------------------ networks and sampling
 
     def gen(self, direction: str, i: int) -> AdaINGen:
-        """Member ``i``'s generator as a reference module (a copy of the stacked weights in fused mode)."""
-        if self.fallback:
-            return super().gen(direction, i)
+        """Member ``i``'s generator as a reference module (a copy of the stacked weights)."""
         net = AdaINGen(self._input_dim(direction), self.config["gen"]).to(self.device)
         net.load_state_dict(self.stacked[direction]["gen"].member_state_dict(i))
         return net
 
     def parameters(self, kind: str):
-        if self.fallback:
-            return super().parameters(kind)
         return [p for d in self.directions if kind in self.stacked[d] for p in self.stacked[d][kind].parameters()]
 
     @torch.no_grad()
     def sample(self, x: torch.Tensor, direction: str | None = None, z: torch.Tensor | None = None,
                members=None) -> list[torch.Tensor]:
-        if self.fallback:
-            return super().sample(x, direction, z, members)
+        """Each member's translation of ``x`` (one style code per image; the fixed display codes by default)."""
         direction = direction or self.directions[-1]
         x = x.to(self.device)
-        if z is None:
-            reps = -(-x.size(0) // self.display_z.size(0))
-            z = self.display_z.repeat(reps, 1, 1, 1)[:x.size(0)]
+        z = self._display_codes(x.size(0)) if z is None else z
         members = range(self.size) if members is None else members
         out = self.stacked[direction]["gen"].translate(x, z.to(self.device))
         per_member = out.view(out.shape[0], self.size, -1, *out.shape[2:])
@@ -444,41 +424,21 @@ class FusedCouncilTrainer(CouncilTrainer):
     # ------------------------------------------------------------------ state (the reference layout)
 
     def network_states(self) -> dict:
-        if self.fallback:
-            return super().network_states()
         return {d: {k: self.stacked[d][k].member_state_dicts() for k in self._kinds()} for d in self.directions}
 
-    def _member_optimizer_states(self) -> list[dict]:
+    def member_optimizer_states(self) -> list[dict]:
         return [{kind: _member_optimizer_state(opt, i) for kind, opt in self.stacked_optimizers.items()}
                 for i in range(self.size)]
 
     def state_dict(self) -> dict:
-        if self.fallback:
-            return super().state_dict() | {"engine": self.engine}
-        rng = {"torch_cpu": torch.get_rng_state(), "python": _python_rng(random.getstate()),
-               "numpy": _numpy_rng(np.random.get_state()), "noise": self.noise.get_state(),
-               "choices": _python_rng(self.choices.getstate())}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["torch_cuda"] = torch.cuda.get_rng_state_all()
         history = {}
         for d in self.directions:
-            history[d] = {h: [list(map(float, row)) for row in self.match_history[d][h].tolist()]
-                          for h in ("gan", "council")}
+            history[d] = {h: [list(map(float, row)) for row in self.match_history[d][h].tolist()] for h in _MATCHED}
             history[d].update(copy.deepcopy(self._foreign_history.get(d, {})))
         schedulers = {k: (s.state_dict() if s is not None else None) for k, s in self.stacked_schedulers.items()}
-        return {
-            "config": self.config, "iteration": self.iteration, "engine": self.engine, "seed": self.seed,
-            "networks": self.network_states(),
-            "optimizers": self._member_optimizer_states(),
-            "schedulers": [copy.deepcopy(schedulers) for _ in range(self.size)],
-            "loss_history": history,
-            "abs_beginning_end_w": self.abs_beginning_end_w,
-            "rng": rng,
-        }
+        return self._full_state([copy.deepcopy(schedulers) for _ in range(self.size)], history)
 
     def load_state_dict(self, state: dict, source: str = "<state>") -> None:
-        if self.fallback:
-            return super().load_state_dict(state, source)
         if self.graphs is not None:  # the optimizer states are about to be new tensors
             self.graphs.reset()
         for d, kind, saved in self._saved_networks(state, source):
@@ -495,27 +455,23 @@ class FusedCouncilTrainer(CouncilTrainer):
             saved = state["schedulers"][0].get(kind) if state["schedulers"] else None
             if s is not None and saved is not None:
                 s.load_state_dict(saved)
+        self._load_histories(state["loss_history"], source)
+        self._load_counters(state, source)
+
+    def _load_histories(self, saved: dict, source: str) -> None:
         n = self.config["loss_matching_hist_size"]
-        for d, hs in state["loss_history"].items():
+        for d, hs in saved.items():
             if d not in self.match_history:
                 continue
             for h, qs in hs.items():
-                if h in self.match_history[d]:
-                    values = torch.tensor([[float(v) for v in q] for q in qs], dtype=torch.float64)
-                    if tuple(values.shape) != (self.size, n):
-                        raise ckpt.CheckpointError(f"{source}: loss history {d}/{h} has shape {tuple(values.shape)}, "
-                                                   f"expected {(self.size, n)}")
-                    self.match_history[d][h].copy_(values)
-                else:
+                if h not in self.match_history[d]:
                     self._foreign_history.setdefault(d, {})[h] = [list(map(float, q)) for q in qs]
-        self.iteration = int(state["iteration"])
-        self.abs_beginning_end_w = float(state.get("abs_beginning_end_w", self.config["abs_beginning_end"]))
-        self._restore_rng(state["rng"], source)
-
-    def save_official(self, out_dir) -> list[str]:
-        if self.fallback:
-            return super().save_official(out_dir)
-        return ckpt.save_official(out_dir, self.iteration + 1, self.network_states(), self._member_optimizer_states())
+                    continue
+                values = torch.tensor([[float(v) for v in q] for q in qs], dtype=torch.float64)
+                if tuple(values.shape) != (self.size, n):
+                    raise ckpt.CheckpointError(f"{source}: loss history {d}/{h} has shape {tuple(values.shape)}, "
+                                               f"expected {(self.size, n)}")
+                self.match_history[d][h].copy_(values)
 
 
 # ---------------------------------------------------------------------- optimizer state conversion
