@@ -30,8 +30,8 @@ from .reference.networks import AdaINGen
 from .runtime import PRECISIONS, SetupError, autocast_context, check_precision
 
 __all__ = ["ConvertError", "Generators", "Converter", "load_generators", "translate", "build_generator",
-           "split_backend", "best_member", "kernel_backend", "runs_in_parameter_dtype", "image_tensor", "draw_plan", "ENGINES",
-           "KERNEL_BACKENDS"]
+           "split_backend", "best_member", "kernel_backend", "runs_in_parameter_dtype", "image_tensor", "draw_plan",
+           "ENGINES", "KERNEL_BACKENDS"]
 
 ENGINES = ("auto", "fused", "reference")  # auto: fused when it can run here, else reference
 KERNEL_BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")  # the fused engine's kernels
