@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
@@ -21,6 +20,7 @@ from ..inference import KERNEL_BACKENDS, ConvertError
 from ..runtime import PRECISIONS, SetupError
 from ..serving.engine import ServingEngine
 from ..facecrop import FaceCropError, check_available
+from ..threads import add_threads_argument, set_threads
 
 __all__ = ["add_arguments", "run", "build_app"]
 
@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="face crop side / detected face side (default: %(default)s)")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="run batches eagerly on cuda instead of replaying one CUDA graph per batch-size bucket")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(parser)
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -89,11 +89,7 @@ def build_app(args):
 
 
 def run(args) -> int:
-    if args.threads is not None:
-        if args.threads < 1:
-            print(f"error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
-            return 2
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     try:
         import uvicorn  # the serve extra
         app, engine = build_app(args)
