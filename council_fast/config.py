@@ -284,10 +284,12 @@ def validate_config(config: dict, source: str = "<config>") -> None:
 
 
 # Switches the official trainer acts on that council-fast loads but does not act on: key -> what it does there
-# and what to use here instead. TODO(issue 15): map misc.do_test_Fid to `train --eval-every` once it exists.
+# and what to use here instead. FID needs the Inception weights file, so it is never switched on from the config.
 _IGNORED_OFFICIAL_SWITCHES = {
-    "misc.do_test_Fid": "FID on the test set every misc.test_Fid_iter iterations: not computed during training",
-    "misc.start_tensor_board": "TensorBoard logging: the losses show in the progress bar instead",
+    "misc.do_test_Fid": "FID on the test set every misc.test_Fid_iter iterations: here `train --eval-every N "
+                        "--inception-weights F` (FID and KID per member)",
+    "misc.start_tensor_board": "TensorBoard logging: here always RUN/log.jsonl, and RUN/tensorboard/ whenever the "
+                               "tensorboard package is installed",
     "misc.do_telegram_report": "Telegram progress reports: not sent",
     "misc.do_telegram_send_config_file": "the config file sent by Telegram: not sent",
 }
