@@ -122,3 +122,28 @@ def test_weights_made_under_inference_mode():
         w.mul_(2.0)
         _assert_close(conv3x3(x, w, b), conv3x3_reference(x, w, b), 1e-5, "after an in-place update")
         assert not torch.equal(first, conv3x3(x, w, b))
+
+
+def test_views_of_one_parameter_share_the_cached_transform():
+    # The lowered generators pass a fresh view of each parameter (unsqueeze, reshape, member slice)
+    # on every call: those views must hit the cache, and an update of the parameter must miss it.
+    torch.manual_seed(0)
+    stacked = torch.nn.Parameter(torch.randn(2, 8, 8, 3, 3))
+    first = winograd._cached_transform(stacked.reshape(16, 8, 3, 3)[:8])
+    assert winograd._cached_transform(stacked.reshape(16, 8, 3, 3)[:8]) is first
+    second_member = winograd._cached_transform(stacked.reshape(16, 8, 3, 3)[8:])
+    assert second_member is not first
+    torch.testing.assert_close(second_member, winograd.transform_weight(stacked[1].detach()), rtol=0, atol=0)
+    with torch.no_grad():
+        stacked.mul_(2.0)
+    updated = winograd._cached_transform(stacked.reshape(16, 8, 3, 3)[:8])
+    torch.testing.assert_close(updated, winograd.transform_weight(stacked[0].detach()), rtol=0, atol=0)
+
+
+def test_cache_entries_go_with_their_parameter():
+    weight = torch.nn.Parameter(torch.randn(8, 8, 3, 3))
+    winograd._cached_transform(weight.unsqueeze(0).reshape(8, 8, 3, 3))
+    key = id(weight)
+    assert key in winograd._weight_cache
+    del weight
+    assert key not in winograd._weight_cache

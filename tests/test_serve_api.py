@@ -241,3 +241,51 @@ def test_cli_refuses_bad_settings_and_checkpoints(ckpt, tmp_path, capsys):
     assert "--max-batch" in capsys.readouterr().err
     assert serve_cli.run(parser.parse_args(["--checkpoint", str(tmp_path / "nope"), "--config", "tiny"])) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def per_batch_seconds(costs: dict):
+    """A stand-in for ServingEngine._timed: the given seconds for a batch of each size."""
+    return lambda works: costs[len(works)]
+
+
+@pytest.mark.parametrize("costs, limit", [
+    ({1: 1.0, 2: 2.2, 4: 5.0, 8: 12.0}, 1),  # bigger batches cost more per image: one at a time
+    ({1: 1.0, 2: 1.0, 4: 1.2, 8: 4.0}, 4),  # cheapest per image at 4, and 8 is past the sweet spot
+    ({1: 1.0, 2: 1.96, 4: 3.84, 8: 7.7}, 1),  # gains under 5% are not worth the wait
+    ({1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0}, 8),
+])
+def test_cpu_batch_auto_keeps_the_cheapest_batch_per_image(ckpt, monkeypatch, costs, limit):
+    engine = ServingEngine(ckpt, "tiny", device="cpu", backend=BACKEND, max_batch=8)
+    monkeypatch.setattr(engine, "_timed", per_batch_seconds(costs))
+    app = create_app(engine, ServeSettings(max_batch=8))
+    with TestClient(app) as c:
+        assert app.state.service.batcher.started.wait(60)
+        assert c.get("/v1/info").json()["batch_limit"] == limit
+    assert engine.batch_limit == limit and app.state.service.batcher.max_batch == limit
+    assert set(engine.tuning_ms) <= set(costs) and engine.tuning_ms[1] == pytest.approx(1e3)
+
+
+def test_cpu_batch_number_caps_batches_without_tuning(ckpt, monkeypatch):
+    engine = ServingEngine(ckpt, "tiny", device="cpu", backend=BACKEND, max_batch=8, cpu_batch=2)
+    monkeypatch.setattr(engine, "tune_cpu_batch", lambda: pytest.fail("tuned although --cpu-batch was given"))
+    sizes = []
+    app = create_app(engine, ServeSettings(max_batch=8, max_wait_ms=200))
+    real_run = engine.run
+    monkeypatch.setattr(engine, "run", lambda works: sizes.append(len(works)) or real_run(works))
+    with TestClient(app) as c:
+        assert app.state.service.batcher.started.wait(60)
+        sizes.clear()
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda i: post(c, {"member": "0", "styles": "3"}), range(6)))
+    assert all(a.status_code == 200 for a in answers)
+    assert sizes and max(sizes) <= 2 and sum(sizes) == 6  # 6 requests, never more than 2 per batch
+
+
+def test_cli_refuses_a_bad_cpu_batch(ckpt, capsys):
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--checkpoint", ckpt, "--cpu-batch", "many"])
+    assert "expected 'auto' or a number" in capsys.readouterr().err
+    assert serve_cli.run(parser.parse_args(["--checkpoint", ckpt, "--config", "tiny", "--cpu-batch", "0"])) == 2
+    assert "--cpu-batch" in capsys.readouterr().err

@@ -5,8 +5,9 @@ After the last AdaIN + ReLU the Council-GAN decoder runs, independently at every
 masks = (tanh(10 * t[O*M:]) + 1) / 2 and the attention blend
 ``out = images; out = (1 - m_k) * out + m_k * t[O*k:O*k+O]`` for k = 0..M-1.
 The fused kernels read ``h`` once and write ``out`` and ``masks`` once; the backward recomputes the
-per-pixel forward instead of keeping any intermediate, and reduces the weight gradients over
-pixels per program (per thread on the CPU) before one final sum.
+per-pixel forward instead of keeping any intermediate. The CPU backward reduces the weight gradients over
+pixels per thread before one final sum; the CUDA and Triton backwards write each pixel's rows (r1, r2 and
+the pre-activation gradients) chunk by chunk and get the weight gradients as GEMMs of them.
 
 Back-ends: ``reference`` (plain PyTorch, autograd by torch), ``cpu`` (csrc/decoder_tail_cpu.cpp),
 ``triton`` (below; CPU only under TRITON_INTERPRET=1) and ``cuda`` (csrc/decoder_tail_cuda.cu).
@@ -101,9 +102,9 @@ def decoder_tail(h, w1, b1, w2, b2, w3, b3, images, num_masks, backend=None, str
 # --------------------------------------------------------------------------------------------
 # The registered op (ops/registry.py): outputs, autograd, C++ back-ends
 
-# Pixels per chunk of the CUDA backward: its fp32 buffers hold 5 dim + raw channels values per pixel of
-# a chunk (at dim 64 and 12 raw channels, 256 Ki pixels: 348 MB). Batch 32 at 256x256 takes 8 chunks.
-# The CPU backward ignores it (one pass, per-thread sums).
+# Pixels per chunk of the CUDA and Triton backwards: their fp32 buffers hold 5 dim + raw channels values per
+# pixel of a chunk (at dim 64 and 12 raw channels, 256 Ki pixels: 348 MB). Batch 32 at 256x256 takes 8
+# chunks (Triton: whole images per chunk, at least one). The CPU backward ignores it (one pass, per-thread sums).
 CUDA_BACKWARD_CHUNK = 1 << 18
 
 
@@ -230,76 +231,64 @@ if triton is not None:
 
     @triton.jit
     def _backward_kernel(gout_ptr, gmask_ptr, h_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, img_ptr,
-                        gh_ptr, gimg_ptr, pw1_ptr, pb1_ptr, pw2_ptr, pb2_ptr, pw3_ptr, pb3_ptr,
-                        HW, D, N, blocks_per_image, total_blocks,
+                        gh_ptr, gimg_ptr, r1_ptr, r2_ptr, ga1_ptr, ga2_ptr, ga3_ptr, HW, D, N,
                         sh_b, sh_c, sh_p, si_b, si_c, si_p, sgh_b, sgh_c, sgh_p, sgi_b, sgi_c, sgi_p,
                         O: tl.constexpr, M: tl.constexpr, HAS_GMASK: tl.constexpr, BLOCK_P: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
                         LOWP: tl.constexpr):
-        pid = tl.program_id(0)
-        programs = tl.num_programs(0)
+        """Per pixel: the gradients of h and images, and the rows the weight gradients are GEMMs of
+        (r1, r2 and the pre-activation gradients g_a1, g_a2, g_a3, fp32, one row per pixel of the chunk).
+        Every image operand is the chunk's slice."""
+        b = tl.program_id(1).to(tl.int64)
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        pm = p < HW
         d = tl.arange(0, BLOCK_D)
         dm = d < D
         n = tl.arange(0, BLOCK_N)
         nm = n < N
         o = tl.arange(0, BLOCK_O)
         om = o < O
-        wmask = dm[:, None] & dm[None, :]
-        w1 = tl.load(w1_ptr + d[:, None] * D + d[None, :], mask=wmask, other=0.0)
-        w2 = tl.load(w2_ptr + d[:, None] * D + d[None, :], mask=wmask, other=0.0)
+        x, a1, r1, a2, r2, t = _per_pixel_forward(h_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, b, p,
+                                                 pm, d, dm, n, nm, D, N, sh_b, sh_c, sh_p, LOWP)
+        io_mask = pm[:, None] & om[None, :]
+        img = tl.load(img_ptr + b * si_b + p[:, None] * si_p + o[None, :] * si_c, mask=io_mask,
+                      other=0.0).to(tl.float32)
+        g = tl.load(gout_ptr + b * O * HW + o[None, :] * HW + p[:, None], mask=io_mask, other=0.0).to(tl.float32)
+        g_t = tl.zeros((BLOCK_P, BLOCK_N), tl.float32)
+        for k in tl.static_range(M - 1, -1, -1):
+            before = img  # the blend's state before step k, recomputed
+            for j in tl.static_range(k):
+                mj = (_tanh(10.0 * _column(t, n, O * M + j)) + 1.0) * 0.5
+                before = (1.0 - mj[:, None]) * before + mj[:, None] * _columns(t, n, O * j, o)
+            th = _tanh(10.0 * _column(t, n, O * M + k))
+            m = (th + 1.0) * 0.5
+            cand = _columns(t, n, O * k, o)
+            g_m = tl.sum(g * (cand - before), axis=1)
+            if HAS_GMASK:
+                g_m += tl.load(gmask_ptr + (b * M + k) * HW + p, mask=pm, other=0.0).to(tl.float32)
+            g_t += _spread(m[:, None] * g, n, O * k, o)
+            g_t += tl.where(n[None, :] == O * M + k, (g_m * 5.0 * (1.0 - th * th))[:, None], 0.0)
+            g = (1.0 - m[:, None]) * g
+        tl.store(gimg_ptr + b * sgi_b + p[:, None] * sgi_p + o[None, :] * sgi_c,
+                 g.to(gimg_ptr.dtype.element_ty), mask=io_mask)
+        g_a3 = g_t * (1.0 - t * t)
         w3 = tl.load(w3_ptr + n[:, None] * D + d[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
-        acc_w1 = tl.zeros((BLOCK_D, BLOCK_D), tl.float32)
-        acc_w2 = tl.zeros((BLOCK_D, BLOCK_D), tl.float32)
-        acc_w3 = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-        acc_b1 = tl.zeros((BLOCK_D,), tl.float32)
-        acc_b2 = tl.zeros((BLOCK_D,), tl.float32)
-        acc_b3 = tl.zeros((BLOCK_N,), tl.float32)
-        for blk in range(pid, total_blocks, programs):
-            b = (blk // blocks_per_image).to(tl.int64)
-            p = (blk % blocks_per_image) * BLOCK_P + tl.arange(0, BLOCK_P)
-            pm = p < HW
-            x, a1, r1, a2, r2, t = _per_pixel_forward(h_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, b, p,
-                                                     pm, d, dm, n, nm, D, N, sh_b, sh_c, sh_p, LOWP)
-            io_mask = pm[:, None] & om[None, :]
-            img = tl.load(img_ptr + b * si_b + p[:, None] * si_p + o[None, :] * si_c, mask=io_mask,
-                          other=0.0).to(tl.float32)
-            g = tl.load(gout_ptr + b * O * HW + o[None, :] * HW + p[:, None], mask=io_mask, other=0.0).to(tl.float32)
-            g_t = tl.zeros((BLOCK_P, BLOCK_N), tl.float32)
-            for k in tl.static_range(M - 1, -1, -1):
-                before = img  # the blend's state before step k, recomputed
-                for j in tl.static_range(k):
-                    mj = (_tanh(10.0 * _column(t, n, O * M + j)) + 1.0) * 0.5
-                    before = (1.0 - mj[:, None]) * before + mj[:, None] * _columns(t, n, O * j, o)
-                th = _tanh(10.0 * _column(t, n, O * M + k))
-                m = (th + 1.0) * 0.5
-                cand = _columns(t, n, O * k, o)
-                g_m = tl.sum(g * (cand - before), axis=1)
-                if HAS_GMASK:
-                    g_m += tl.load(gmask_ptr + (b * M + k) * HW + p, mask=pm, other=0.0).to(tl.float32)
-                g_t += _spread(m[:, None] * g, n, O * k, o)
-                g_t += tl.where(n[None, :] == O * M + k, (g_m * 5.0 * (1.0 - th * th))[:, None], 0.0)
-                g = (1.0 - m[:, None]) * g
-            tl.store(gimg_ptr + b * sgi_b + p[:, None] * sgi_p + o[None, :] * sgi_c,
-                     g.to(gimg_ptr.dtype.element_ty), mask=io_mask)
-            g_a3 = g_t * (1.0 - t * t)
-            acc_w3 += _mm(tl.trans(g_a3), r2, LOWP)
-            acc_b3 += tl.sum(g_a3, axis=0)
-            g_a2 = tl.where(a2 > 0.0, _mm(g_a3, w3, LOWP), 0.0)
-            acc_w2 += _mm(tl.trans(g_a2), r1, LOWP)
-            acc_b2 += tl.sum(g_a2, axis=0)
-            g_a1 = tl.where(a1 > 0.0, _mm(g_a2, w2, LOWP), 0.0)
-            acc_w1 += _mm(tl.trans(g_a1), x, LOWP)
-            acc_b1 += tl.sum(g_a1, axis=0)
-            g_x = _mm(g_a1, w1, LOWP)
-            tl.store(gh_ptr + b * sgh_b + p[:, None] * sgh_p + d[None, :] * sgh_c, g_x.to(gh_ptr.dtype.element_ty),
-                     mask=pm[:, None] & dm[None, :])
-        # Per-program partial sums; the host adds them up (deterministic, no atomics).
-        tl.store(pw1_ptr + pid * D * D + d[:, None] * D + d[None, :], acc_w1, mask=wmask)
-        tl.store(pw2_ptr + pid * D * D + d[:, None] * D + d[None, :], acc_w2, mask=wmask)
-        tl.store(pw3_ptr + pid * N * D + n[:, None] * D + d[None, :], acc_w3, mask=nm[:, None] & dm[None, :])
-        tl.store(pb1_ptr + pid * D + d, acc_b1, mask=dm)
-        tl.store(pb2_ptr + pid * D + d, acc_b2, mask=dm)
-        tl.store(pb3_ptr + pid * N + n, acc_b3, mask=nm)
+        g_a2 = tl.where(a2 > 0.0, _mm(g_a3, w3, LOWP), 0.0)
+        wmask = dm[:, None] & dm[None, :]
+        w2 = tl.load(w2_ptr + d[:, None] * D + d[None, :], mask=wmask, other=0.0)
+        g_a1 = tl.where(a1 > 0.0, _mm(g_a2, w2, LOWP), 0.0)
+        w1 = tl.load(w1_ptr + d[:, None] * D + d[None, :], mask=wmask, other=0.0)
+        g_x = _mm(g_a1, w1, LOWP)
+        tl.store(gh_ptr + b * sgh_b + p[:, None] * sgh_p + d[None, :] * sgh_c, g_x.to(gh_ptr.dtype.element_ty),
+                 mask=pm[:, None] & dm[None, :])
+        row = b * HW + p
+        rows_d = row[:, None] * D + d[None, :]
+        row_mask = pm[:, None] & dm[None, :]
+        tl.store(r1_ptr + rows_d, r1, mask=row_mask)
+        tl.store(r2_ptr + rows_d, r2, mask=row_mask)
+        tl.store(ga1_ptr + rows_d, g_a1, mask=row_mask)
+        tl.store(ga2_ptr + rows_d, g_a2, mask=row_mask)
+        tl.store(ga3_ptr + row[:, None] * N + n[None, :], g_a3, mask=pm[:, None] & nm[None, :])
 
 
 def _pixel_strides(t):
@@ -313,27 +302,28 @@ def _triton_sizes(h, images, w3, num_masks):
                 LOWP=h.dtype != torch.float32 and not triton_interpreted())
 
 
-def _block_p(h):
-    return 16 if triton_interpreted() else 64
-
-
-def _backward_block_p(h):
-    # Pixels per step of the backward on a GPU. Compiled for sm_90 (`python -m council_fast.devtools.triton_check`),
-    # fp32 at 32 pixels: Triton 3.9 gives 255 registers and a 0.9 KB stack, Triton 3.6 (the GPU machine's)
-    # 32 registers and a 4.3 KB stack, both spilling; at 16 pixels 255 registers, 130 KB of shared memory
-    # and no spill stores under either. bf16 at 32: 78 KB. The fp32 weight tiles dominate: even 16 pixels need
-    # 127 KB, over the 99 KB of sm_86/89.
+def _forward_launch(h):
+    """(pixels per program, warps) of the forward: on a GPU 64 pixels; fp32 with 8 warps, which keeps it free
+    of spills under Triton 3.6 and 3.9 for sm_90 (4 warps: 164 and 952 B of spill stores)."""
     if triton_interpreted():
-        return 16
-    return 16 if h.dtype == torch.float32 else 32
+        return 16, 4
+    return 64, 8 if h.dtype == torch.float32 else 4
+
+
+def _backward_launch(h):
+    """(pixels per program, warps) of the backward. On a GPU these keep it free of spills under Triton 3.6 (the
+    GPU machine's) and 3.9, compiled for sm_90 (`python -m council_fast.devtools.triton_check`): fp32 at 16
+    pixels and 8 warps 0 B of stack (4 warps: ~700 B of spills; 32 pixels: ~500 B), bf16 at 32 and 4 warps."""
+    if triton_interpreted():
+        return 16, 4
+    return (16, 8) if h.dtype == torch.float32 else (32, 4)
 
 
 def backward_shared_floor(block_d, dtype):
-    """Shared memory the Triton backward needs at least, in bytes: the w1 and w2 tiles (BLOCK_D x BLOCK_D, in
-    the weights' dtype) and their fp32 gradient sums, which the kernel keeps through its pixel loop, staged for
-    its dots. A floor, checked against every compile of `council_fast.devtools.triton_check` (fp32 at dim 64:
-    64 KB of 130 KB); at dim 65-128 in fp32 it is 256 KB, over every GPU's limit (489 KB compiled)."""
-    return 2 * block_d * block_d * (torch.finfo(dtype).bits // 8 + 4)
+    """Shared memory the Triton backward needs at least, in bytes: one BLOCK_D x BLOCK_D weight tile in the
+    weights' dtype, staged for its dots. A floor, checked against every compile of
+    `council_fast.devtools.triton_check`."""
+    return block_d * block_d * (torch.finfo(dtype).bits // 8)
 
 
 def _shared_limit(device):
@@ -357,39 +347,50 @@ def _check_backward_fits(h, block_d):
 def _triton_forward(h, w1, b1, w2, b2, w3, b3, images, num_masks, out, masks):
     batch, dim, height, width = h.shape
     hw = height * width
-    block_p = _block_p(h)
+    block_p, warps = _forward_launch(h)
     grid = (triton.cdiv(hw, block_p), batch)
     _forward_kernel[grid](h, w1, b1, w2, b2, w3, b3, images, out, masks, hw, dim, w3.shape[0],
                        *_pixel_strides(h), *_pixel_strides(images), BLOCK_P=block_p,
-                       **_triton_sizes(h, images, w3, num_masks), num_warps=4)
+                       **_triton_sizes(h, images, w3, num_masks), num_warps=warps)
 
 
 @triton_launch
 def _triton_backward(grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3, images, num_masks, grad_h, *grads):
+    """The per-pixel kernel, chunk by chunk of whole images, then the weight gradients as fp32 GEMMs of its
+    rows (the CUDA back-end's split): no per-program weight sums held through a pixel loop."""
     *weight_grads, grad_img = grads
     batch, dim, height, width = h.shape
     hw = height * width
     n_raw = w3.shape[0]
-    block_p = _backward_block_p(h)
+    block_p, warps = _backward_launch(h)
     sizes = _triton_sizes(h, images, w3, num_masks)
     _check_backward_fits(h, sizes["BLOCK_D"])
-    blocks_per_image = triton.cdiv(hw, block_p)
-    total = blocks_per_image * batch
-    programs = min(total, 4 * torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 4)
     f32 = dict(dtype=torch.float32, device=h.device)
-    partials = [torch.empty((programs, *t.shape), **f32) for t in (w1, b1, w2, b2, w3, b3)]
+    sums = [torch.zeros(t.shape, **f32) for t in (w1, b1, w2, b2, w3, b3)]
     gmask = grad_masks if grad_masks is not None else grad_out  # never read when HAS_GMASK is False
-    try:
-        _backward_kernel[(programs,)](
-            grad_out, gmask, h, w1, b1, w2, b2, w3, b3, images, grad_h, grad_img, *partials,
-            hw, dim, n_raw, blocks_per_image, total, *_pixel_strides(h), *_pixel_strides(images),
-            *_pixel_strides(grad_h), *_pixel_strides(grad_img), HAS_GMASK=grad_masks is not None,
-            BLOCK_P=block_p, **sizes, num_warps=4 if triton_interpreted() else 8)
-    except OutOfResources as e:  # e.g. fp32 on sm_86/89: see _backward_block_p
-        raise BackendUnavailable(f"decoder_tail triton backward ({h.dtype}, dim {dim}) does not fit this GPU ({e}); "
-                                 "use the cuda back-end or bf16") from e
-    for out, part in zip(weight_grads, partials):
-        out.copy_(part.sum(0))
+    per_chunk = max(1, CUDA_BACKWARD_CHUNK // hw)
+    for first in range(0, batch, per_chunk):
+        count = min(per_chunk, batch - first)
+        r1, r2, g_a1, g_a2 = (torch.empty((count * hw, dim), **f32) for _ in range(4))
+        g_a3 = torch.empty((count * hw, n_raw), **f32)
+        chunk = [t[first:first + count] for t in (grad_out, gmask, h, images, grad_h, grad_img)]
+        g_o, g_m, h_c, img_c, gh_c, gi_c = chunk
+        try:
+            _backward_kernel[(triton.cdiv(hw, block_p), count)](
+                g_o, g_m, h_c, w1, b1, w2, b2, w3, b3, img_c, gh_c, gi_c, r1, r2, g_a1, g_a2, g_a3, hw, dim, n_raw,
+                *_pixel_strides(h), *_pixel_strides(images), *_pixel_strides(grad_h), *_pixel_strides(grad_img),
+                HAS_GMASK=grad_masks is not None, BLOCK_P=block_p, **sizes, num_warps=warps)
+        except OutOfResources as e:
+            raise BackendUnavailable(f"decoder_tail triton backward ({h.dtype}, dim {dim}) does not fit this GPU "
+                                     f"({e}); use the cuda back-end or bf16") from e
+        x = h_c.flatten(2).float()  # (count, dim, hw): a view for NCHW and NHWC alike
+        sums[0] += torch.bmm(x, g_a1.view(count, hw, dim)).sum(0).t()
+        sums[2].addmm_(g_a2.t(), r1)
+        sums[4].addmm_(g_a3.t(), r2)
+        for total, rows in ((sums[1], g_a1), (sums[3], g_a2), (sums[5], g_a3)):
+            total += rows.sum(0)
+    for out, total in zip(weight_grads, sums):
+        out.copy_(total)
 
 
 DECODER_TAIL = FusedOp(

@@ -11,7 +11,7 @@ per 256-channel layer, ~9x a direct convolution's rounding (the common 0, +-1, +
 well inside the fp32 tolerance; B^T and A^T hold exact binary fractions, G is
 applied in float64 once per weight.
 
-The transformed weights are cached per weight tensor (see ``clear_cache``).
+The transformed weights are cached per weight tensor, views included (see ``clear_cache``).
 
 Back-ends: ``cpu`` (csrc/winograd_cpu.cpp: the transforms and a register-tiled GEMM kernel, ~20%
 faster than MKL's sgemm on the AMD test machine) and the
@@ -93,26 +93,38 @@ def _round_up(n: int, k: int) -> int:
     return (n + k - 1) // k * k
 
 
+# id(root tensor) -> (weakref to it, {view key: (stamp, transformed)})
 _weight_cache: dict[int, tuple] = {}
 
 
 def _cached_transform(weight: torch.Tensor) -> torch.Tensor:
-    # Keyed by the weight tensor's identity and checked against its version counter (which moves on
-    # every in-place update: optimizer steps, load_state_dict) and its storage, dtype and shape (which
-    # change when .data is assigned). Writes through .data in place (w.data.mul_()) move neither:
-    # call clear_cache() after those.
+    # Keyed by the tensor the weight views (its ``_base``; itself when it is no view), because
+    # the lowered generators pass a fresh view of each parameter on every call, plus where in that
+    # tensor the view sits. Checked against the version counter (shared by every view, it moves on
+    # every in-place update: optimizer steps, load_state_dict) and the storage, dtype and device
+    # (which change when .data is assigned). Writes through .data in place (w.data.mul_()) move
+    # neither: call clear_cache() after those.
     if weight.is_inference():  # inference tensors have no version counter: no caching
         return transform_weight(weight)
-    key = id(weight)
-    stamp = (weight._version, weight.data_ptr(), weight.dtype, tuple(weight.shape), weight.device)
-    hit = _weight_cache.get(key)
-    if hit is not None and hit[0]() is weight and hit[1] == stamp:
-        return hit[2]
+    root = weight if weight._base is None else weight._base
+    view = (weight.storage_offset(), tuple(weight.shape), tuple(weight.stride()))
+    stamp = (weight._version, root.data_ptr(), weight.dtype, weight.device)
+    entry = _weight_cache.get(id(root))
+    if entry is None or entry[0]() is not root:
+        entry = (weakref.ref(root), {})
+        _weight_cache[id(root)] = entry
+        weakref.finalize(root, _forget, id(root), entry[1])
+    hit = entry[1].get(view)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
     transformed = transform_weight(weight)
-    if hit is None or hit[0]() is not weight:
-        weakref.finalize(weight, _weight_cache.pop, key, None)
-    _weight_cache[key] = (weakref.ref(weight), stamp, transformed)
+    entry[1][view] = (stamp, transformed)
     return transformed
+
+
+def _forget(key: int, views: dict) -> None:
+    if key in _weight_cache and _weight_cache[key][1] is views:
+        del _weight_cache[key]
 
 
 def clear_cache() -> None:

@@ -27,6 +27,7 @@ import io
 import math
 import os
 import secrets
+import sys
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -93,8 +94,16 @@ class Service:
     def __init__(self, engine: ServingEngine, settings: ServeSettings):
         self.engine, self.settings = engine, settings
         self.batcher = Batcher(self._run_batch, settings.max_batch, settings.max_wait_ms / 1e3, settings.max_queue,
-                               on_batch=lambda n, s, ok: self.metrics.batch(n, s, ok), before_start=engine.warm_up)
+                               on_batch=lambda n, s, ok: self.metrics.batch(n, s, ok), before_start=self._warm_up)
         self.metrics = Metrics(lambda: self.batcher.depth, self.ready)
+
+    def _warm_up(self) -> None:
+        self.engine.warm_up()
+        self.batcher.max_batch = min(self.settings.max_batch, self.engine.batch_limit)
+        if self.engine.tuning_ms:
+            timings = ", ".join(f"{b}: {ms:.1f}" for b, ms in self.engine.tuning_ms.items())
+            print(f"council-fast serve: batch limit {self.batcher.max_batch} on the CPU "
+                  f"(ms per image by batch size, {self.engine.size}x{self.engine.size}: {timings})", file=sys.stderr)
 
     def ready(self) -> bool:
         return self.batcher.started.is_set() and self.batcher.start_error is None
@@ -108,7 +117,7 @@ class Service:
     def retry_after(self) -> str:
         hist = self.metrics.batch_seconds
         per_batch = hist.sum / hist.count if hist.count else 1.0
-        return str(max(1, math.ceil(per_batch * (self.batcher.depth / self.settings.max_batch + 1))))
+        return str(max(1, math.ceil(per_batch * (self.batcher.depth / self.batcher.max_batch + 1))))
 
     # ------------------------------------------------------------------ parsing
 
@@ -217,7 +226,7 @@ class Service:
         e, s = self.engine, self.settings
         return {"members": e.members, "size": e.size, "size_multiple": e.size_factor, "max_size": s.max_size,
                 "max_styles": s.max_styles, "face_crop": s.face_crop, "max_upload_bytes": s.max_upload_bytes,
-                "max_batch": s.max_batch, "engine": e.engine, "device": str(e.device), "precision": e.precision,
+                "max_batch": s.max_batch, "batch_limit": self.batcher.max_batch, "engine": e.engine, "device": str(e.device), "precision": e.precision,
                 "ready": self.ready()}
 
 
