@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import extension
-from .registry import BackendUnavailable, FusedOp, triton_interpreted, triton_launch
+from .registry import BackendUnavailable, FusedOp, poisoning, triton_interpreted, triton_launch
 
 __all__ = ["decoder_tail", "decoder_tail_reference"]
 
@@ -354,6 +354,12 @@ def _triton_forward(h, w1, b1, w2, b2, w3, b3, images, num_masks, out, masks):
                        **_triton_sizes(h, images, w3, num_masks), num_warps=warps)
 
 
+def _rows(rows, columns, device):
+    """A backward row buffer: NaN-filled while outputs are poisoned, so a row the kernel skips fails the tests."""
+    buffer = torch.empty((rows, columns), dtype=torch.float32, device=device)
+    return buffer.fill_(float("nan")) if poisoning() else buffer
+
+
 @triton_launch
 def _triton_backward(grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3, images, num_masks, grad_h, *grads):
     """The per-pixel kernel, chunk by chunk of whole images, then the weight gradients as fp32 GEMMs of its
@@ -371,8 +377,8 @@ def _triton_backward(grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3, images, nu
     per_chunk = max(1, CUDA_BACKWARD_CHUNK // hw)
     for first in range(0, batch, per_chunk):
         count = min(per_chunk, batch - first)
-        r1, r2, g_a1, g_a2 = (torch.empty((count * hw, dim), **f32) for _ in range(4))
-        g_a3 = torch.empty((count * hw, n_raw), **f32)
+        r1, r2, g_a1, g_a2 = (_rows(count * hw, dim, h.device) for _ in range(4))
+        g_a3 = _rows(count * hw, n_raw, h.device)
         chunk = [t[first:first + count] for t in (grad_out, gmask, h, images, grad_h, grad_img)]
         g_o, g_m, h_c, img_c, gh_c, gi_c = chunk
         try:

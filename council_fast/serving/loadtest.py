@@ -10,7 +10,8 @@ inputs (not an image, truncated, a decompression bomb, an oversize upload, an un
 out-of-range value), each of which must get a 4xx. The server's resident memory is read from
 /metrics about once a second. Only loopback traffic; every loop is bounded by count and time.
 
-Result rows (JSON ``results``): name, max_batch, max_wait_ms, clients, engine, requests (sent), ok (good
+Result rows (JSON ``results``): name, max_batch, batch_limit (the server's cap after its warm-up: on the CPU
+``--cpu-batch auto`` may set it below max_batch), max_wait_ms, clients, engine, requests (sent), ok (good
 answered 200 and correct: equal to the answer alone, or at most one 8-bit level away in some pixels,
 which is fp32 rounding at another batch size), exact (of those, byte for byte equal), wrong, bad_4xx,
 bad_not_4xx, other_errors, status_counts, seconds,
@@ -66,6 +67,7 @@ class LoadResult:
     max_wait_ms: float
     clients: int
     engine: str | None = None  # as the server's /v1/info says (fused (cpu), reference, ...)
+    batch_limit: int | None = None  # likewise
     requests: int = 0
     ok: int = 0
     exact: int = 0
@@ -244,7 +246,8 @@ def run_load(server: LocalServer, name: str, max_batch: int, max_wait_ms: float,
     expected = _expected_answers(server, good)
     before = server.metrics()
     result = LoadResult(name, max_batch, max_wait_ms, clients)
-    result.engine = json.loads(_get(server.url + "/v1/info")[1]).get("engine")
+    info = json.loads(_get(server.url + "/v1/info")[1])
+    result.engine, result.batch_limit = info.get("engine"), info.get("batch_limit")
     every = max(1, round(1 / bad_fraction)) if bad_fraction > 0 else 0
     counter, lock, latencies = itertools.count(), threading.Lock(), []
     status_counts: dict[int, int] = {}
@@ -392,14 +395,14 @@ def bench_serve(checkpoint: str, config: str | None, *, max_batch: int, max_wait
 
 
 def format_table(report: dict) -> str:
-    header = ("run", "requests", "ok", "exact", "wrong", "bad 4xx", "bad !4xx", "errors", "req/s", "p50 ms", "p95 ms",
+    header = ("run", "batch limit", "requests", "ok", "exact", "wrong", "bad 4xx", "bad !4xx", "errors", "req/s", "p50 ms", "p95 ms",
               "p99 ms", "mean batch", "rss growth MiB")
     lines = [header]
 
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
     for r in report["results"]:
-        lines.append((r["name"], r["requests"], r["ok"], r["exact"], r["wrong"], r["bad_4xx"], r["bad_not_4xx"], r["other_errors"],
+        lines.append((r["name"], num(r["batch_limit"], "d"), r["requests"], r["ok"], r["exact"], r["wrong"], r["bad_4xx"], r["bad_not_4xx"], r["other_errors"],
                       num(r["throughput_rps"], ".3g"), num(r["p50_ms"], ".4g"), num(r["p95_ms"], ".4g"),
                       num(r["p99_ms"], ".4g"), num(r["mean_batch_size"], ".3g"), num(r["rss_growth_mib"], ".1f")))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
