@@ -327,3 +327,12 @@ def test_anime_width_uses_winograd_by_default(monkeypatch):
     assert len(calls) == 4 * params["n_res"] + 1  # residual convs of encoder and decoder, the 128-channel conv
     _assert_close(out, out_ref, 1e-5, "out")
     _assert_close(masks, masks_ref, 1e-5, "masks")
+
+    # The generator passes a fresh view of each weight per call: the Winograd transforms must still come
+    # from the cache after the first call (re-transforming them doubled a 256x256 CPU translation's time).
+    transforms = []
+    real_transform = winograd_mod.transform_weight
+    monkeypatch.setattr(winograd_mod, "transform_weight", lambda w: transforms.append(1) or real_transform(w))
+    with torch.no_grad():
+        again = fast.translate(x, z)
+    assert transforms == [] and torch.equal(again, out)
