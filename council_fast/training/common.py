@@ -312,6 +312,17 @@ class TrainerBase:
         reps = -(-batch // self.display_z.size(0))
         return self.display_z.repeat(reps, 1, 1, 1)[:batch]
 
+    def sample(self, x: torch.Tensor, direction: str | None = None, z: torch.Tensor | None = None,
+               members=None) -> list[torch.Tensor]:
+        """Each member's translation of ``x`` (one style code per image; the fixed display codes by default)."""
+        x = x.to(self.device)
+        z = (self._display_codes(x.size(0)) if z is None else z).to(self.device)
+        members = range(self.size) if members is None else members
+        return self._translate_members(direction or self.directions[-1], x, z, members)
+
+    def _translate_members(self, direction: str, x: torch.Tensor, z: torch.Tensor, members) -> list[torch.Tensor]:
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ state
 
     def network_states(self) -> dict:

@@ -410,14 +410,8 @@ class FusedCouncilTrainer(TrainerBase):
         return [p for d in self.directions if kind in self.stacked[d] for p in self.stacked[d][kind].parameters()]
 
     @torch.no_grad()
-    def sample(self, x: torch.Tensor, direction: str | None = None, z: torch.Tensor | None = None,
-               members=None) -> list[torch.Tensor]:
-        """Each member's translation of ``x`` (one style code per image; the fixed display codes by default)."""
-        direction = direction or self.directions[-1]
-        x = x.to(self.device)
-        z = self._display_codes(x.size(0)) if z is None else z
-        members = range(self.size) if members is None else members
-        out = self.stacked[direction]["gen"].translate(x, z.to(self.device))
+    def _translate_members(self, direction, x, z, members):
+        out = self.stacked[direction]["gen"].translate(x, z)
         per_member = out.view(out.shape[0], self.size, -1, *out.shape[2:])
         return [per_member[:, i] for i in members]
 

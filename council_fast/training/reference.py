@@ -291,14 +291,8 @@ class CouncilTrainer(TrainerBase):
     # ------------------------------------------------------------------ sampling
 
     @torch.no_grad()
-    def sample(self, x: torch.Tensor, direction: str | None = None, z: torch.Tensor | None = None,
-               members=None) -> list[torch.Tensor]:
-        """Each member's translation of ``x`` (one style code per image; the fixed display codes by default)."""
-        direction = direction or self.directions[-1]
-        x = x.to(self.device)
-        z = self._display_codes(x.size(0)) if z is None else z
-        members = range(self.size) if members is None else members
-        return [self.gen(direction, i).translate(x, z.to(self.device)) for i in members]
+    def _translate_members(self, direction, x, z, members):
+        return [self.gen(direction, i).translate(x, z) for i in members]
 
     # ------------------------------------------------------------------ state
 
