@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from .training.distributed import launched_by_torchrun, setup
+from .runtime import join_process_group, launched_by_torchrun
 
 __all__ = ["Ranks", "join", "launched_by_torchrun"]
 
@@ -56,5 +56,5 @@ class Ranks:
 def join(device: str | None) -> Ranks:
     """Join the torchrun process group; the device is this rank's (cuda:LOCAL_RANK or the CPU)."""
     wanted = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ctx = setup("cuda" if wanted.startswith("cuda") else "cpu")
-    return Ranks(ctx.rank, ctx.world, ctx.device)
+    group = join_process_group("cuda" if wanted.startswith("cuda") else "cpu", command="convert")
+    return Ranks(group.rank, group.world, group.device)

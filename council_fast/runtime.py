@@ -6,13 +6,16 @@ of council-fast, so any layer may use it.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 
 __all__ = ["SetupError", "PRECISIONS", "resolve_device", "check_precision", "autocast_context", "tune_cudnn",
-           "cpu_threads"]
+           "cpu_threads", "ProcessGroup", "launched_by_torchrun", "join_process_group", "shutdown_process_group"]
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -71,3 +74,48 @@ def cpu_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes launched by torchrun (data-parallel training, sharded conversion)
+
+
+@dataclass
+class ProcessGroup:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def join_process_group(device_type: str | None = None, timeout_s: float = 1800.0,
+                       command: str = "train") -> ProcessGroup:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+
+    ``device_type``: 'cuda' (NCCL, GPU LOCAL_RANK) or 'cpu' (gloo); default cuda when available.
+    """
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"running across processes needs the torchrun environment; missing {', '.join(missing)} "
+                           f"(launch with: torchrun --nproc_per_node=N -m council_fast {command} ...)")
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) visible")
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return ProcessGroup(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def shutdown_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

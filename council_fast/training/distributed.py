@@ -15,12 +15,12 @@ one GPU per process chosen by LOCAL_RANK; gloo on CPU).
 """
 from __future__ import annotations
 
-import datetime
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from ..runtime import join_process_group, launched_by_torchrun, shutdown_process_group as shutdown
 
 __all__ = ["DataParallelHooks", "TorchDistributedHooks", "DistributedContext", "launched_by_torchrun", "setup", "shutdown",
            "shard", "is_writer"]
@@ -83,39 +83,12 @@ class DistributedContext:
     hooks: TorchDistributedHooks
 
 
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def setup(device_type: str | None = None, timeout_s: float = 1800.0) -> DistributedContext:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
-
-    ``device_type``: 'cuda' (NCCL, GPU LOCAL_RANK) or 'cpu' (gloo); default cuda when available.
-    """
-    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    if missing:
-        raise RuntimeError(f"data-parallel training needs the torchrun environment; missing {', '.join(missing)} "
-                           f"(launch with: torchrun --nproc_per_node=N -m council_fast train ...)")
-    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) visible")
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-        backend = "nccl"
-    else:
-        device = torch.device("cpu")
-        backend = "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    """Join the process group torchrun describes (:func:`council_fast.runtime.join_process_group`) and
+    return this process's place in it with the data-parallel hooks."""
+    group = join_process_group(device_type, timeout_s, "train")
     hooks = TorchDistributedHooks()
-    return DistributedContext(hooks.rank, hooks.world, local_rank, device, hooks)
-
-
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    return DistributedContext(group.rank, group.world, group.local_rank, group.device, hooks)
 
 
 def shard(x: torch.Tensor, hooks: DataParallelHooks) -> torch.Tensor:
