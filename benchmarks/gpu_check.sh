@@ -189,16 +189,21 @@ wait_stage() {
   return 1
 }
 
+# deadline_allows NAME: false (and the stage noted as skipped) when the deadline is too near to start it.
+deadline_allows() {
+  if [ $(( $(left) - KILL_GRACE )) -lt 10 ]; then
+    note "SKIPPED  $1 (deadline near)"
+    FAILED+=("$1(skipped)")
+    return 1
+  fi
+}
+
 # stage NAME LIMIT CMD...: one process.
 stage() {
   local name="$1" limit
   limit=$(stage_limit "$2")
   shift 2
-  if [ $(( $(left) - KILL_GRACE )) -lt 10 ]; then
-    note "SKIPPED  $name (deadline near)"
-    FAILED+=("$name(skipped)")
-    return 1
-  fi
+  deadline_allows "$name" || return 1
   echo "=== $name (limit ${limit}s, $(left)s left before the reserve)"
   local t0=$SECONDS
   start_stage "$name" "$limit" "$OUT/$name.log" "$@"
@@ -217,11 +222,7 @@ pytest_stage() {
   local name="$1" limit
   limit=$(stage_limit "$2")
   shift 2
-  if [ $(( $(left) - KILL_GRACE )) -lt 10 ]; then
-    note "SKIPPED  $name (deadline near)"
-    FAILED+=("$name(skipped)")
-    return 1
-  fi
+  deadline_allows "$name" || return 1
   echo "=== $name (limit ${limit}s, $JOBS processes, $(left)s left before the reserve)"
   local t0=$SECONDS ids="$OUT/$name.ids"
   # in the background, so that a TERM or INT is handled at once (bash runs traps between commands)

@@ -187,12 +187,7 @@ void backward_planes(const scalar_t* dy, const scalar_t* x, const float* weight,
 void adain_forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                        const std::optional<at::Tensor>& residual, bool relu, double eps, int64_t /*split_threshold*/,
                        const at::Tensor& y, const at::Tensor& mean, const at::Tensor& rstd) {
-  using namespace council_fast::checks;
-  adain_inputs(x, weight, bias);
-  adain_like(y, x, "y");
-  adain_like(mean, weight, "mean");
-  adain_like(rstd, weight, "rstd");
-  if (residual.has_value()) adain_like(*residual, x, "residual");
+  council_fast::checks::adain_forward_args(x, weight, bias, residual, y, mean, rstd);
   const int64_t planes = x.size(0) * x.size(1);
   const int64_t n = x.size(2) * x.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "adain_forward_cpu", [&] {
@@ -206,14 +201,7 @@ void adain_forward_cpu(const at::Tensor& x, const at::Tensor& weight, const at::
 void adain_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                         const at::Tensor& mean, const at::Tensor& rstd, bool relu, int64_t /*split_threshold*/,
                         const at::Tensor& dx, const at::Tensor& dweight, const at::Tensor& dbias) {
-  using namespace council_fast::checks;
-  adain_inputs(x, weight, bias);
-  adain_like(dy, x, "dy");
-  adain_like(mean, weight, "mean");
-  adain_like(rstd, weight, "rstd");
-  adain_like(dx, x, "dx");
-  adain_like(dweight, weight, "dweight");
-  adain_like(dbias, weight, "dbias");
+  council_fast::checks::adain_backward_args(dy, x, weight, bias, mean, rstd, dx, dweight, dbias);
   const int64_t planes = x.size(0) * x.size(1);
   const int64_t n = x.size(2) * x.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "adain_backward_cpu", [&] {

@@ -327,13 +327,8 @@ void launch_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
 void adain_forward_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                         const std::optional<at::Tensor>& residual, bool relu, double eps, int64_t split_threshold,
                         const at::Tensor& y, const at::Tensor& mean, const at::Tensor& rstd) {
-  using namespace council_fast::checks;
-  adain_inputs(x, weight, bias);
-  adain_like(y, x, "y");
-  adain_like(mean, weight, "mean");
-  adain_like(rstd, weight, "rstd");
+  council_fast::checks::adain_forward_args(x, weight, bias, residual, y, mean, rstd);
   const bool has_residual = residual.has_value();
-  if (has_residual) adain_like(*residual, x, "residual");
   if (x.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const float eps_f = static_cast<float>(eps);
@@ -350,14 +345,7 @@ void adain_forward_cuda(const at::Tensor& x, const at::Tensor& weight, const at:
 void adain_backward_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                          const at::Tensor& mean, const at::Tensor& rstd, bool relu, int64_t split_threshold,
                          const at::Tensor& dx, const at::Tensor& dweight, const at::Tensor& dbias) {
-  using namespace council_fast::checks;
-  adain_inputs(x, weight, bias);
-  adain_like(dy, x, "dy");
-  adain_like(mean, weight, "mean");
-  adain_like(rstd, weight, "rstd");
-  adain_like(dx, x, "dx");
-  adain_like(dweight, weight, "dweight");
-  adain_like(dbias, weight, "dbias");
+  council_fast::checks::adain_backward_args(dy, x, weight, bias, mean, rstd, dx, dweight, dbias);
   if (x.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "adain_backward_cuda", [&] {

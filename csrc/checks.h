@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include <initializer_list>
+#include <optional>
 #include <vector>
 
 namespace council_fast {
@@ -42,6 +43,30 @@ inline void adain_like(const at::Tensor& t, const at::Tensor& like, const char* 
                   t.scalar_type() == like.scalar_type(),
               "adain: ", name, " must be contiguous on ", like.device(), " with shape ", like.sizes(), " and dtype ",
               like.scalar_type());
+}
+
+// Every operand of the AdaIN forward: x, weight, bias as adain_inputs; y like x; mean and rstd like weight.
+inline void adain_forward_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                               const std::optional<at::Tensor>& residual, const at::Tensor& y, const at::Tensor& mean,
+                               const at::Tensor& rstd) {
+  adain_inputs(x, weight, bias);
+  adain_like(y, x, "y");
+  adain_like(mean, weight, "mean");
+  adain_like(rstd, weight, "rstd");
+  if (residual.has_value()) adain_like(*residual, x, "residual");
+}
+
+// Every operand of the AdaIN backward: dy and dx like x; the statistics and the parameter gradients like weight.
+inline void adain_backward_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& rstd,
+                                const at::Tensor& dx, const at::Tensor& dweight, const at::Tensor& dbias) {
+  adain_inputs(x, weight, bias);
+  adain_like(dy, x, "dy");
+  adain_like(mean, weight, "mean");
+  adain_like(rstd, weight, "rstd");
+  adain_like(dx, x, "dx");
+  adain_like(dweight, weight, "dweight");
+  adain_like(dbias, weight, "dbias");
 }
 
 // ---- Decoder tail: h (B, dim, H, W), images (B, O, H, W), w1/w2 (dim, dim), w3 ((O + 1) * M, dim).

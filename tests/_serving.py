@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from council_fast.config import packaged_config
-from council_fast.reference.networks import AdaINGen
+from _tiny import tiny_generator
 
 MEMBERS = (0, 1, 2)
 
@@ -23,15 +23,7 @@ def make_checkpoint(folder) -> str:
     returns the prefix naming all three (pass --config tiny)."""
     cfg = packaged_config("tiny")
     for i in MEMBERS:
-        torch.manual_seed(200 + i)
-        gen = AdaINGen(cfg["input_dim_b"], cfg["gen"]).eval()
-        with torch.no_grad():  # keep the masks off saturation and the style code influential (as test_convert)
-            last = gen.dec.model[-1].conv
-            masks = cfg["gen"]["num_of_mask_dim_to_add"]
-            last.weight[-masks:] *= 0.1
-            last.bias[-masks:] = -0.05
-            gen.mlp.model[-1].fc.weight *= 8
-        torch.save({"b2a": gen.state_dict()}, f"{folder}/b2a_gen_{i}_00000010.pt")
+        torch.save({"b2a": tiny_generator(cfg, 200 + i).state_dict()}, f"{folder}/b2a_gen_{i}_00000010.pt")
     return f"{folder}/00000010"
 
 

@@ -15,16 +15,10 @@ from council_fast.cli import convert as convert_cmd
 from council_fast.config import packaged_config
 from council_fast.lowering import FastGenerator
 from council_fast.reference.networks import AdaINGen
+from _tiny import tiny_generator
 
 SIZE = 32  # the tiny config's new_size
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -32,24 +26,11 @@ def cfg():
     return packaged_config("tiny")
 
 
-def _random_gen(cfg, seed: int) -> AdaINGen:
-    torch.manual_seed(seed)
-    gen = AdaINGen(cfg["input_dim_b"], cfg["gen"]).eval()
-    with torch.no_grad():  # non-zero biases (the official init leaves them 0); AdaIN parameters of order 1
-        for name, p in gen.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-        gen.mlp.model[-1].fc.weight *= 8
-        masks = cfg["gen"]["num_of_mask_dim_to_add"]
-        gen.dec.model[-1].conv.weight[-masks:] *= 0.1  # masks away from saturation: the input shows
-    return gen
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, cfg):
     """Random weights as an official member file (member 2) and as a council-fast full state (members 0, 1)."""
     root = tmp_path_factory.mktemp("api")
-    gens = {i: _random_gen(cfg, 10 + i) for i in range(3)}
+    gens = {i: tiny_generator(cfg, 10 + i, random_biases=True) for i in range(3)}
     member = root / "official" / "b2a_gen_2_00000005.pt"
     member.parent.mkdir()
     torch.save({"b2a": gens[2].state_dict()}, member)

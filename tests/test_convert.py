@@ -20,8 +20,10 @@ from council_fast.cli import convert
 from council_fast.config import packaged_config
 from council_fast import images as cf_images
 from council_fast.reference.networks import AdaINGen
+from _tiny import tiny_generator
 
 SIZE = 32
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_convert(*argv: str) -> int:
@@ -33,39 +35,16 @@ def run_convert(*argv: str) -> int:
     return convert.run(parser.parse_args(["--quiet", "--workers", "2", *defaults, *argv]))
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models: one intra-op thread is faster, and steady on a busy host."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def cfg():
     return packaged_config("tiny")
-
-
-def make_gen(cfg, seed: int) -> AdaINGen:
-    torch.manual_seed(seed)
-    gen = AdaINGen(cfg["input_dim_b"], cfg["gen"]).eval()
-    # Default init saturates the attention masks, which hides the input; keep them near 0.3 so the
-    # outputs depend visibly on the input image.
-    last = gen.dec.model[-1].conv
-    masks = cfg["gen"]["num_of_mask_dim_to_add"]
-    with torch.no_grad():
-        last.weight[-masks:] *= 0.1
-        last.bias[-masks:] = -0.05
-        gen.mlp.model[-1].fc.weight *= 8  # AdaIN parameters of order 1: the style code matters
-    return gen
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, cfg):
     """Official files: members 0 and 1 of iteration 10, and a lone member file of member 3."""
     root = tmp_path_factory.mktemp("ckpt")
-    gens = {i: make_gen(cfg, 100 + i) for i in (0, 1, 3)}
+    gens = {i: tiny_generator(cfg, 100 + i) for i in (0, 1, 3)}
     for i in (0, 1):
         torch.save({"b2a": gens[i].state_dict()}, root / f"b2a_gen_{i}_00000010.pt")
     lone = root / "single"

@@ -10,7 +10,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("starlette", reason="the serve extra is not installed: pip install -e '.[serve]'")
@@ -23,15 +22,8 @@ from council_fast.cli import serve as serve_cli  # noqa: E402
 from council_fast.serving.app import ServeSettings, create_app  # noqa: E402
 from council_fast.serving.engine import ServingEngine  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BACKEND = "reference"  # the convert tests' default too; the fused engine is checked in test_same_as_convert_fused
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

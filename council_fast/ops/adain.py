@@ -12,7 +12,6 @@ mask) from them instead of keeping the output.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -403,7 +402,6 @@ ADAIN = FusedOp(
     backward_schema="(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor rstd, bool relu) "
                     "-> (Tensor, Tensor, Tensor)",
     backward_outputs=_backward_outputs)
-for _kind in ("cpu", "cuda"):
-    ADAIN.register(_kind, functools.partial(_kernel_forward, _kind), functools.partial(_kernel_backward, _kind))
+ADAIN.register_extension(_kernel_forward, _kernel_backward)
 ADAIN.register("triton", _triton_forward, _triton_backward)
 ADAIN.autograd(_backward, _setup_context)

@@ -17,7 +17,6 @@ The fused ones run behind the op registry's ``council_fast::decoder_tail`` / ``d
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -374,13 +373,13 @@ def _triton_backward(grad_out, grad_masks, h, w1, b1, w2, b2, w3, b3, images, nu
     f32 = dict(dtype=torch.float32, device=h.device)
     sums = [torch.zeros(t.shape, **f32) for t in (w1, b1, w2, b2, w3, b3)]
     gmask = grad_masks if grad_masks is not None else grad_out  # never read when HAS_GMASK is False
-    per_chunk = max(1, CUDA_BACKWARD_CHUNK // hw)
+    per_chunk = min(batch, max(1, CUDA_BACKWARD_CHUNK // hw))
+    buffers = [_rows(per_chunk * hw, columns, h.device) for columns in (dim, dim, dim, dim, n_raw)]
     for first in range(0, batch, per_chunk):
         count = min(per_chunk, batch - first)
-        r1, r2, g_a1, g_a2 = (_rows(count * hw, dim, h.device) for _ in range(4))
-        g_a3 = _rows(count * hw, n_raw, h.device)
-        chunk = [t[first:first + count] for t in (grad_out, gmask, h, images, grad_h, grad_img)]
-        g_o, g_m, h_c, img_c, gh_c, gi_c = chunk
+        r1, r2, g_a1, g_a2, g_a3 = (b[:count * hw] for b in buffers)
+        g_o, g_m, h_c, img_c, gh_c, gi_c = (t[first:first + count] for t in (grad_out, gmask, h, images, grad_h,
+                                                                           grad_img))
         try:
             _backward_kernel[(triton.cdiv(hw, block_p), count)](
                 g_o, g_m, h_c, w1, b1, w2, b2, w3, b3, img_c, gh_c, gi_c, r1, r2, g_a1, g_a2, g_a3, hw, dim, n_raw,
@@ -407,7 +406,6 @@ DECODER_TAIL = FusedOp(
     backward_schema="(Tensor grad_out, Tensor? grad_masks, Tensor h, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
                     "Tensor w3, Tensor b3, Tensor images, int num_masks) -> Tensor[]",
     backward_outputs=_backward_outputs)
-for _kind in ("cpu", "cuda"):
-    DECODER_TAIL.register(_kind, functools.partial(_kernel_forward, _kind), functools.partial(_kernel_backward, _kind))
+DECODER_TAIL.register_extension(_kernel_forward, _kernel_backward)
 DECODER_TAIL.register("triton", _triton_forward, _triton_backward)
 DECODER_TAIL.autograd(_backward, _setup_context)

@@ -267,6 +267,13 @@ class FusedOp:
             raise ValueError(f"{self.name}: the {backend} back-end needs a backward exactly when the op has one")
         self.impls[backend] = Impl(forward, backward)
 
+    def register_extension(self, forward: Callable, backward: Optional[Callable] = None) -> None:
+        """The C++ kernels for both the cpu and the cuda back-end: ``forward(kind, *args)`` (and ``backward``)
+        with ``kind`` naming the extension module to call."""
+        for kind in ("cpu", "cuda"):
+            self.register(kind, functools.partial(forward, kind),
+                          None if backward is None else functools.partial(backward, kind))
+
     def autograd(self, backward: Callable, setup_context: Callable) -> None:
         torch.library.register_autograd(f"{NAMESPACE}::{self.name}", backward, setup_context=setup_context,
                                         lib=_LIB)
